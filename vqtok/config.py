@@ -1,0 +1,160 @@
+"""Configuration dataclasses with validation and a JSON round trip.
+
+`ModelConfig` (with its `QuantizerConfig`) is everything needed to rebuild a model: it is stored as JSON in the
+safetensors metadata of every model file. `TrainConfig` describes one training run and is stored in the run
+directory beside the seed it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import VqtokError
+
+Modality = Literal["image", "audio"]
+
+
+@dataclass
+class QuantizerConfig:
+    """The vector quantizer: codebook shape, gradient estimator and codebook learning.
+
+    dim: code vector size D. codebook_size: codes per stage K. stages: residual stages (1 = plain VQ).
+    estimator: "ste" (straight-through, van den Oord et al. 2017) or "rotation" (Fifty et al. 2024).
+    codebook_update: "loss" (codebook loss, weight `codebook_weight`) or "ema" (decayed cluster statistics).
+    beta: commitment loss weight. affine: "off", "learned" (per-dimension scale/shift, Huh et al. 2023) or
+    "stats" (codebook mean/std matched to running encoder-output statistics). sync_nu: synchronized
+    commitment weight (0 = off). alternate: inner codebook optimisation step before the encoder update.
+    kmeans_init: k-means++ initialisation from the first batch. dead_code_steps: re-seed a code unused for
+    this many steps (0 = never). cosine: l2-normalised codes and inputs. usage_window: steps in the rolling
+    usage statistics. stage_dropout: probability that training uses a random prefix of the stages.
+    """
+
+    dim: int = 64
+    codebook_size: int = 512
+    stages: int = 1
+    estimator: Literal["ste", "rotation"] = "rotation"
+    codebook_update: Literal["loss", "ema"] = "loss"
+    codebook_weight: float = 1.0
+    beta: float = 0.25
+    ema_decay: float = 0.99
+    affine: Literal["off", "learned", "stats"] = "learned"
+    affine_groups: int = 1
+    affine_lr_mult: float = 1.0
+    affine_decay: float = 0.99
+    sync_nu: float = 0.2
+    alternate: bool = False
+    alternate_lr: float = 1e-3
+    kmeans_init: bool = True
+    dead_code_steps: int = 100
+    cosine: bool = False
+    usage_window: int = 100
+    stage_dropout: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.dim >= 1, f"code dim must be >= 1, got {self.dim}")
+        _check(2 <= self.codebook_size <= 2**20, f"codebook size must be in [2, 2^20], got {self.codebook_size}")
+        _check(self.stages >= 1, f"stages must be >= 1, got {self.stages}")
+        _check(self.estimator in ("ste", "rotation"), f"estimator must be ste or rotation, got {self.estimator!r}")
+        _check(self.codebook_update in ("loss", "ema"), f"codebook update must be loss or ema, got {self.codebook_update!r}")
+        _check(self.affine in ("off", "learned", "stats"), f"affine must be off, learned or stats, got {self.affine!r}")
+        _check(0.0 <= self.ema_decay < 1.0, f"ema decay must be in [0, 1), got {self.ema_decay}")
+        _check(0.0 <= self.affine_decay < 1.0, f"affine decay must be in [0, 1), got {self.affine_decay}")
+        _check(self.beta >= 0 and self.codebook_weight >= 0, "loss weights must be >= 0")
+        _check(self.sync_nu >= 0, f"sync nu must be >= 0, got {self.sync_nu}")
+        _check(self.affine_groups >= 1 and self.codebook_size % self.affine_groups == 0,
+               f"affine groups ({self.affine_groups}) must divide the codebook size ({self.codebook_size})")
+        _check(self.dead_code_steps >= 0, "dead code steps must be >= 0")
+        _check(self.usage_window >= 1, "usage window must be >= 1")
+        _check(0.0 <= self.stage_dropout <= 1.0, "stage dropout must be in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder / quantizer / decoder shapes.
+
+    modality: "image" (2-D convolutions, RGB in [0, 1]) or "audio" (1-D convolutions, mono waveform).
+    channels: hidden width at the code resolution. downsample: total stride (image: 4, 8 or 16 per side;
+    audio: product of `audio_strides`). res_blocks: residual blocks at the code resolution, on each side.
+    image_size: training crop side in pixels (images). sample_rate: Hz (audio).
+    """
+
+    modality: Modality = "image"
+    in_channels: int = 3
+    channels: int = 128
+    downsample: int = 4
+    res_blocks: int = 2
+    res_channels: int = 64
+    image_size: int = 32
+    sample_rate: int = 16000
+    audio_strides: tuple[int, ...] = (2, 4, 5, 8)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def validate(self) -> None:
+        _check(self.modality in ("image", "audio"), f"modality must be image or audio, got {self.modality!r}")
+        _check(self.channels >= 8, f"channels must be >= 8, got {self.channels}")
+        if self.modality == "image":
+            _check(self.downsample in (4, 8, 16), f"downsample must be 4, 8 or 16, got {self.downsample}")
+            _check(self.image_size >= self.downsample and self.image_size % self.downsample == 0,
+                   f"image size {self.image_size} must be a multiple of the downsampling factor {self.downsample}")
+        else:
+            _check(self.sample_rate > 0, f"sample rate must be > 0, got {self.sample_rate}")
+        self.quantizer.validate()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        """Rebuild from `to_json` output. Unknown keys (from a newer vqtok) are ignored, missing ones defaulted."""
+        raw = json.loads(text)
+        q = _known_fields(QuantizerConfig, raw.pop("quantizer", {}))
+        m = _known_fields(cls, raw)
+        if "audio_strides" in m:
+            m["audio_strides"] = tuple(m["audio_strides"])
+        config = cls(**m, quantizer=QuantizerConfig(**q))
+        config.validate()
+        return config
+
+
+@dataclass
+class TrainConfig:
+    """One training run. lr: peak AdamW learning rate after `warmup` steps, then cosine decay to lr * min_lr_ratio.
+
+    val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
+    segment_seconds: random training crop length for audio.
+    """
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.05
+    max_val: int = 512
+    checkpoint_every: int = 500
+    log_every: int = 25
+    segment_seconds: float = 1.0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _check(0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
+        _check(self.segment_seconds > 0, "segment length must be > 0 s")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise VqtokError(message)
+
+
+def _known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
