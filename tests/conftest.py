@@ -1,0 +1,31 @@
+"""Shared fixtures: the bundled sample data (samples/) and the shared real data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> Path:
+    """Folder of 1,000 MNIST PNGs (28x28 grayscale)."""
+    return SAMPLES / "images"
+
+
+@pytest.fixture(scope="session")
+def sample_audio() -> Path:
+    """Folder of 40 FSDD WAVs (8 kHz, 16-bit mono)."""
+    return SAMPLES / "audio"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (large real data sets); tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA

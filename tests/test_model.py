@@ -1,0 +1,90 @@
+"""Tokenizer shapes, and the model file: a self-describing safetensors that `load` rebuilds alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vqtok.config import ModelConfig, QuantizerConfig
+from vqtok.errors import VqtokError
+from vqtok.modelfile import load, read_metadata, save_model
+from vqtok.nets import Tokenizer
+
+
+def small_config(downsample: int = 4, size: int = 32, stages: int = 1) -> ModelConfig:
+    return ModelConfig(channels=16, res_channels=8, downsample=downsample, image_size=size,
+                       quantizer=QuantizerConfig(dim=8, codebook_size=16, stages=stages))
+
+
+@pytest.mark.parametrize("downsample", [4, 8, 16])
+def test_grid_is_input_over_downsample(downsample: int) -> None:
+    model = Tokenizer(small_config(downsample)).eval()
+    x = torch.rand(2, 3, 32, 48)
+    out = model(x)
+    assert out.recon.shape == x.shape
+    assert out.indices.shape == (2, 1, 32 // downsample, 48 // downsample)
+    assert torch.equal(model.encode(x), out.indices)
+
+
+def test_decode_of_encode_matches_forward_in_eval() -> None:
+    model = Tokenizer(small_config(stages=2)).eval()
+    x = torch.rand(3, 3, 16, 16)
+    out = model(x)
+    assert torch.allclose(model.decode(model.encode(x)), out.recon.clamp(0, 1), atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(small_config(stages=2)).eval()
+    path = tmp_path / "model.safetensors"
+    fingerprint = save_model(model, path)
+    loaded = load(path)
+    assert loaded.config == model.config
+    assert loaded.fingerprint() == fingerprint == read_metadata(path)["vqtok.fingerprint"]
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.allclose(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+
+
+def test_fingerprint_changes_with_weights() -> None:
+    model = Tokenizer(small_config())
+    before = model.fingerprint()
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert model.fingerprint() != before
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x80\x04\x95pickle-ish"])
+def test_load_rejects_non_model_files(tmp_path, content: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(VqtokError, match="model.safetensors"):
+        load(path)
+
+
+def test_load_rejects_safetensors_without_config(tmp_path) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(VqtokError, match="not a vqtok model"):
+        load(path)
+
+
+def test_load_missing_file(tmp_path) -> None:
+    with pytest.raises(VqtokError, match="no such model file"):
+        load(tmp_path / "absent.safetensors")
+
+
+def test_config_json_round_trip_ignores_unknown_keys() -> None:
+    config = small_config(stages=3)
+    text = config.to_json().replace('"modality"', '"from_the_future": 1, "modality"')
+    assert ModelConfig.from_json(text) == config
+
+
+@pytest.mark.parametrize("bad", [dict(downsample=3), dict(image_size=30), dict(channels=2)])
+def test_config_validation(bad: dict) -> None:
+    config = small_config()
+    for key, value in bad.items():
+        setattr(config, key, value)
+    with pytest.raises(VqtokError):
+        config.validate()

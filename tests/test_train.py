@@ -1,0 +1,96 @@
+"""Training runs end to end on real sample images, writes its run directory, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
+from vqtok.errors import VqtokError
+from vqtok.train import learning_rate, train
+
+
+def tiny_model() -> ModelConfig:
+    return ModelConfig(channels=32, res_channels=16, quantizer=QuantizerConfig(dim=16, codebook_size=32))
+
+
+def tiny_train(**kw) -> TrainConfig:
+    base = dict(steps=30, batch_size=16, warmup=5, checkpoint_every=10, log_every=5, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture()
+def images(tmp_path: Path, sample_images: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted(sample_images.glob("*.png"))[:80]:
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
+def test_run_directory_contents(images: Path, tmp_path: Path) -> None:
+    (images / "broken.png").write_bytes(b"this is not a png")
+    run = tmp_path / "run"
+    result = train([images], run, tiny_model(), tiny_train())
+    assert result.model_path == run / "model.safetensors" and result.model_path.exists()
+    assert [Path(p).name for p, _ in result.skipped] == ["broken.png"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["seed"] == 0 and info["model"]["image_size"] == 28 and info["data"]["files"] == 81
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in lines if m["split"] == "train"]
+    assert [m["step"] for m in train_lines] == [5, 10, 15, 20, 25, 30]
+    for key in ("loss", "recon", "psnr", "usage", "perplexity", "lr"):
+        assert key in train_lines[-1], key
+    assert [m["step"] for m in lines if m["split"] == "val"] == [10, 20, 30]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_0000010.safetensors", "step_0000020.safetensors", "step_0000030.safetensors"]
+    preview = Image.open(run / "previews" / "step_0000030.png")
+    assert preview.width > 28 and preview.height > 56
+    assert 0 < result.final["psnr"] < 100 and 0 < result.final["usage"] <= 1
+
+
+def test_refuses_to_overwrite_a_run(images: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train([images], run, tiny_model(), tiny_train(steps=5, checkpoint_every=5))
+    with pytest.raises(VqtokError, match="--resume"):
+        train([images], run, tiny_model(), tiny_train(steps=5))
+
+
+def test_resume_continues_exactly(images: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train([images], straight, tiny_model(), tiny_train(steps=20))
+    interrupted = tmp_path / "interrupted"
+    train([images], interrupted, tiny_model(), tiny_train(steps=20))
+    # Simulate a run killed after its step-10 checkpoint: newer checkpoints and the final model never existed.
+    (interrupted / "checkpoints" / "step_0000020.safetensors").unlink()
+    (interrupted / "model.safetensors").unlink()
+    result = train([images], interrupted, tiny_model(), tiny_train(steps=20), resume=True)
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(result.model_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["split"] == "train"] == [5, 10, 15, 20]
+    assert [m["step"] for m in lines if m["split"] == "val"] == [10, 20]
+
+
+def test_resume_without_a_run(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(VqtokError, match="nothing to resume"):
+        train([images], tmp_path / "new", tiny_model(), tiny_train(), resume=True)
+
+
+def test_learning_rate_schedule() -> None:
+    config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert learning_rate(0, config) == pytest.approx(1e-4)
+    assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert learning_rate(10, config) == pytest.approx(1e-3)
+    assert learning_rate(100, config) == pytest.approx(1e-4)
+    values = [learning_rate(s, config) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

@@ -1,0 +1,299 @@
+"""The `vqtok` command line: each command parses its options, calls one library function and shows the result.
+
+Exit codes: 0 success, 1 a user error (one line on stderr, the traceback only with --verbose), 2 bad usage.
+Progress goes to stderr so `--json` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import ModelConfig, QuantizerConfig, TrainConfig
+from .errors import VqtokError
+
+app = typer.Typer(
+    help="Train VQ-VAE tokenizers on folders of images or audio, turn files into token files and back, "
+    "and report how the codebook is used.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"verbose": False}
+
+_Q = QuantizerConfig()
+_M = ModelConfig()
+_T = TrainConfig()
+
+
+class Estimator(str, Enum):
+    ste = "ste"
+    rotation = "rotation"
+
+
+class CodebookUpdate(str, Enum):
+    loss = "loss"
+    ema = "ema"
+
+
+class Affine(str, Enum):
+    off = "off"
+    learned = "learned"
+    stats = "stats"
+
+
+class Codec(str, Enum):
+    packed = "packed"
+    entropy = "entropy"
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a VqtokError into one line on stderr and exit code 1."""
+    try:
+        yield
+    except VqtokError as e:
+        if _state["verbose"]:
+            raise
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True, markup=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _report_failures(failed: list[tuple[str, str]]) -> None:
+    for _path, reason in failed:
+        err.print(f"[yellow]skipped:[/yellow] {reason}", soft_wrap=True)
+    if failed:
+        err.print(f"[yellow]{len(failed)} file(s) skipped[/yellow]")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=False,
+    )
+
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout instead of tables.")]
+
+
+@app.command()
+def train(
+    data: Annotated[list[Path], typer.Argument(help="Folders or files of images (or audio) to train on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics, previews, model.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _T.steps,
+    batch_size: Annotated[int, typer.Option(help="Items per step.")] = _T.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, then cosine decay).")] = _T.lr,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = _T.warmup,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batches (recorded in run.json).")] = _T.seed,
+    size: Annotated[Optional[int], typer.Option(help="Image training crop side in pixels [default: fits the data].")] = None,
+    downsample: Annotated[int, typer.Option(help="Image downsampling factor per side: 4, 8 or 16.")] = _M.downsample,
+    channels: Annotated[int, typer.Option(help="Hidden channels of the encoder/decoder.")] = _M.channels,
+    res_blocks: Annotated[int, typer.Option(help="Residual blocks on each side.")] = _M.res_blocks,
+    code_dim: Annotated[int, typer.Option(help="Code vector dimension D.")] = _Q.dim,
+    codebook_size: Annotated[int, typer.Option(help="Codes per codebook K.")] = _Q.codebook_size,
+    stages: Annotated[int, typer.Option(help="Residual quantizer stages (codebooks).")] = _Q.stages,
+    estimator: Annotated[Estimator, typer.Option(help="Gradient estimator: ste (VQ-VAE) or rotation (Fifty et al. 2024).")] = Estimator(_Q.estimator),
+    codebook_update: Annotated[CodebookUpdate, typer.Option(help="Codebook learning: loss (codebook loss) or ema.")] = CodebookUpdate(_Q.codebook_update),
+    codebook_weight: Annotated[float, typer.Option(help="Weight of the codebook loss ||sg(z) - q||^2.")] = _Q.codebook_weight,
+    beta: Annotated[float, typer.Option(help="Weight of the commitment loss ||z - sg(q)||^2.")] = _Q.beta,
+    ema_decay: Annotated[float, typer.Option(help="Decay of the EMA codebook statistics.")] = _Q.ema_decay,
+    affine: Annotated[Affine, typer.Option(help="Affine codebook re-parameterization (Huh et al. 2023): off, learned or stats.")] = Affine(_Q.affine),
+    affine_groups: Annotated[int, typer.Option(help="Code groups with their own affine parameters.")] = _Q.affine_groups,
+    affine_lr_mult: Annotated[float, typer.Option(help="Learning-rate multiplier of the affine parameters.")] = _Q.affine_lr_mult,
+    sync_nu: Annotated[float, typer.Option(help="Synchronized commitment weight nu (0 = off).")] = _Q.sync_nu,
+    alternate: Annotated[bool, typer.Option(help="Alternating optimization: an inner codebook step before each encoder update.")] = _Q.alternate,
+    alternate_lr: Annotated[float, typer.Option(help="Learning rate of the inner codebook optimizer.")] = _Q.alternate_lr,
+    kmeans_init: Annotated[bool, typer.Option(help="k-means++ codebook initialisation from the first batch.")] = _Q.kmeans_init,
+    dead_code_steps: Annotated[int, typer.Option(help="Re-seed codes unused for this many steps (0 = never).")] = _Q.dead_code_steps,
+    cosine: Annotated[bool, typer.Option(help="Cosine codebook: l2-normalised codes and inputs.")] = _Q.cosine,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
+    val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    device: DeviceOpt = _T.device,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a tokenizer on a folder of images; writes OUT/model.safetensors and the run's checkpoints."""
+    from .train import train as run_training
+
+    quantizer = QuantizerConfig(
+        dim=code_dim, codebook_size=codebook_size, stages=stages, estimator=estimator.value,
+        codebook_update=codebook_update.value, codebook_weight=codebook_weight, beta=beta, ema_decay=ema_decay,
+        affine=affine.value, affine_groups=affine_groups, affine_lr_mult=affine_lr_mult, sync_nu=sync_nu,
+        alternate=alternate, alternate_lr=alternate_lr, kmeans_init=kmeans_init, dead_code_steps=dead_code_steps,
+        cosine=cosine,
+    )
+    model_config = ModelConfig(channels=channels, downsample=downsample, res_blocks=res_blocks, quantizer=quantizer)
+    train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                               checkpoint_every=checkpoint_every, val_fraction=val_fraction, device=device)
+    with _user_errors(), _progress() as progress:
+        task = progress.add_task("training", total=steps, info="")
+
+        def on_progress(step: int, total: int, m: dict[str, float]) -> None:
+            info = f"loss {m['loss']:.4f}"
+            if "psnr" in m:
+                info += f"  psnr {m['psnr']:.2f} dB"
+            info += f"  usage {100 * m.get('usage', 0):.1f}%"
+            progress.update(task, completed=step, info=info)
+
+        result = run_training(data, out, model_config, train_config, size=size, resume=resume,
+                              on_progress=on_progress, on_status=lambda msg: progress.console.log(msg))
+    _report_failures(result.skipped)
+    if json_out:
+        _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,
+                     "steps_per_second": result.steps_per_second, "train_files": result.train_files,
+                     "val_files": result.val_files, "skipped": len(result.skipped), "validation": result.final})
+        return
+    table = Table(title=f"validation ({result.val_files} files)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.final.items():
+        table.add_row(key, f"{value:.4g}")
+    out.print(table)
+    out.print(f"model: {result.model_path}  ({result.steps_per_second:.1f} steps/s, {result.seconds:.0f} s)")
+
+
+@app.command()
+def encode(
+    model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Files or folders to encode (walked recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .vqt files; mirrors the input tree.")],
+    force: Annotated[bool, typer.Option(help="Re-encode files whose token file already exists.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Files per forward pass (same-shaped files are batched).")] = 32,
+    codec: Annotated[Codec, typer.Option(help="Token payload: packed (ceil(log2 K) bits/code) or entropy (model table).")] = Codec.packed,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Turn files into .vqt token files (one per input)."""
+    from .pipeline import encode_files
+
+    with _user_errors():
+        report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
+                              codec=codec.value)
+    _finish_run(report, "encoded", json_out)
+
+
+@app.command()
+def decode(
+    model: Annotated[Path, typer.Argument(help="The model.safetensors the tokens were made with.")],
+    tokens: Annotated[list[Path], typer.Argument(help=".vqt files or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the decoded PNG files; mirrors the token tree.")],
+    force: Annotated[bool, typer.Option(help="Overwrite outputs that already exist.")] = False,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Turn .vqt token files back into images at their original size."""
+    from .pipeline import decode_files
+
+    with _user_errors():
+        report = decode_files(model, tokens, out, force=force, device=device)
+    _finish_run(report, "decoded", json_out)
+
+
+def _finish_run(report: Any, verb: str, json_out: bool) -> None:
+    _report_failures(report.failed)
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        out.print(f"{verb} {len(report.written)} file(s), {len(report.existing)} already done, "
+                  f"{len(report.failed)} failed, {report.tokens} tokens in {report.seconds:.1f} s")
+    if report.failed and not report.written and not report.existing:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model.safetensors with --data.")],
+    data: Annotated[Optional[list[Path]], typer.Option(help="With a model: encode these files/folders and count codes.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG here.")] = None,
+    top: Annotated[int, typer.Option(help="How many of the most used codes to list.")] = 10,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Codebook usage, dead codes, perplexity and entropy (bits/token) of token files or of a model on data."""
+    from . import report as rep
+
+    with _user_errors():
+        if source.suffix == ".safetensors":
+            if not data:
+                raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
+            result = rep.inspect_model(source, data, device=device)
+        else:
+            result = rep.inspect_tokens([source])
+        if plot:
+            rep.write_usage_plot(result, plot)
+    _report_failures(result.failed)
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    bits = result.to_dict()["bits_per_code"]
+    table = Table(title=f"codebook usage: {result.source} ({result.files} files, {result.tokens} tokens)")
+    for name in ("stage", "used", "usage", "dead", "perplexity", "entropy bits/token", "log2 K"):
+        table.add_column(name, justify="right")
+    for i, u in enumerate(result.stages):
+        table.add_row(str(i), f"{u.used}/{u.codebook_size}", f"{100 * u.usage:.1f}%", str(u.dead),
+                      f"{u.perplexity:.1f}", f"{u.entropy_bits:.2f}", f"{u.max_entropy_bits:.2f}")
+    out.print(table)
+    top_codes = result.stages[0].top[:top]
+    if top_codes:
+        out.print("most used codes (stage 0): " + ", ".join(f"{c} ({100 * share:.1f}%)" for c, _n, share in top_codes))
+    if result.file_bytes:
+        out.print(f"token files: {8 * result.file_bytes / max(result.tokens, 1):.2f} bits/token on disk "
+                  f"({bits} bits/code packed + headers)")
+    if plot:
+        out.print(f"usage histogram: {plot}")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A model.safetensors.")],
+    data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
+    batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Reconstruction quality (PSNR, SSIM, MSE) and codebook figures of a model over a folder."""
+    from .report import evaluate_model
+
+    with _user_errors():
+        result = evaluate_model(model, data, device=device, batch_size=batch_size)
+    _report_failures(result.failed)
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    table = Table(title=f"eval: {', '.join(str(d) for d in data)}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4g}")
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

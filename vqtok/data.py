@@ -1,0 +1,448 @@
+"""Find, decode, convert and write the inputs: images (Pillow) and audio (soundfile + torchaudio resampling).
+
+Images come out as uint8 RGB tensors (3, H, W) whatever the file held (palette, alpha, 16-bit, CMYK, EXIF
+rotation, animation); audio as float32 waves (C, T) in [-1, 1] at the requested sample rate. Every file the
+user can get wrong raises `VqtokError` with one line that names it; the `*_set` loaders skip such files and
+report them instead, so one bad file does not stop a training run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio.functional as AF
+from PIL import Image, ImageOps
+
+from .atomic import atomic_path
+from .errors import VqtokError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+
+# Pillow's own guard (Image.MAX_IMAGE_PIXELS, ~89 Mpx) only warns below twice its value; a training input that
+# large is a mistake or an attack either way, so refuse it outright.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+Progress = Callable[[int], object]
+
+
+class _BadInput(Exception):
+    """A file that cannot be used; the message is the reason, without the path."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding inputs
+
+
+def _as_list(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden file under `folder`, recursively, sorted by relative path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _kind(path: Path) -> Literal["image", "audio"] | None:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in AUDIO_EXTENSIONS:
+        return "audio"
+    return None
+
+
+def find_inputs(paths: Path | str | Sequence[Path | str]) -> tuple[Literal["image", "audio"], list[Path]]:
+    """Files and folders -> (modality, files).
+
+    Folders are walked recursively in sorted order; hidden files and folders (name starting with ".") and files
+    with other extensions are ignored. A file named explicitly must have an image or audio extension. Raises
+    `VqtokError` when a path does not exist, when nothing is found, or when images and audio are mixed.
+    """
+    roots = _as_list(paths)
+    where = ", ".join(str(r) for r in roots) or "(no paths given)"
+    images: list[Path] = []
+    audio: list[Path] = []
+    seen: set[Path] = set()
+    for root in roots:
+        if root.is_dir():
+            candidates = _walk(root)
+        elif root.is_file():
+            if _kind(root) is None:
+                raise VqtokError(
+                    f"{root}: not an image or audio file (expected one of "
+                    f"{' '.join(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS)})"
+                )
+            candidates = [root]
+        else:
+            raise VqtokError(f"{root}: no such file or folder")
+        for path in candidates:
+            kind = _kind(path)
+            if kind is None or path in seen:
+                continue
+            seen.add(path)
+            (images if kind == "image" else audio).append(path)
+    if images and audio:
+        raise VqtokError(
+            f"{where} mixes images ({len(images)}) and audio ({len(audio)}) files; "
+            "put them in separate folders and train one tokenizer on each"
+        )
+    if not images and not audio:
+        raise VqtokError(f"no image or audio files in {where}")
+    return ("image", images) if images else ("audio", audio)
+
+
+def relative_name(path: Path, roots: Path | str | Sequence[Path | str]) -> Path:
+    """The name under which `path` (found by `find_inputs(roots)`) is mirrored in an output folder.
+
+    Files found in a folder keep their path relative to that folder (the innermost one when roots nest); a file
+    given directly, or one outside every root, keeps just its file name.
+    """
+    path = Path(path)
+    best: Path | None = None
+    for root in _as_list(roots):
+        if root == path:
+            return Path(path.name)
+        if path.is_relative_to(root) and (best is None or len(root.parts) > len(best.parts)):
+            best = root
+    return path.relative_to(best) if best is not None else Path(path.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 (H, W, 3) RGB; transparency is composited on white."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return np.repeat(_high_depth_to_uint8(im)[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return np.asarray(ImageCms.applyTransform(im, lab_to_srgb))
+    return np.asarray(im if mode == "RGB" else im.convert("RGB"))
+
+
+def _high_depth_to_uint8(im: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer or float single-channel image -> uint8 (H, W), scaled rather than clipped.
+
+    16-bit data (the I;16 modes, and mode I holding values in [0, 65535] as Pillow decodes 16-bit PNG and TIFF)
+    maps 65535 to 255 by dividing by 257. Float data in [0, 1] is multiplied by 255; anything else (floats
+    outside [0, 1], 32-bit integers beyond 16 bits) is stretched from its min..max to 0..255.
+    """
+    a = np.asarray(im).astype(np.float64)
+    if a.size == 0:
+        return a.astype(np.uint8)
+    if not np.isfinite(a).all():
+        raise _BadInput("image holds NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """Decode the first frame of an image file -> uint8 (H, W, 3) RGB, EXIF orientation applied."""
+    try:
+        if path.stat().st_size == 0:
+            raise _BadInput("cannot read image (empty file)")
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise _BadInput(
+                    f"image is {w}x{h} = {w * h:,} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed "
+                    "(decompression-bomb guard)"
+                )
+            im.load()
+            return _to_rgb_array(ImageOps.exif_transpose(im))
+    except _BadInput:
+        raise
+    except Image.DecompressionBombError as err:
+        raise _BadInput(f"image too large, refused as a possible decompression bomb ({err})") from None
+    except Image.UnidentifiedImageError:
+        raise _BadInput("cannot read image (not a recognised image format)") from None
+    except Exception as err:  # Pillow decoders raise many types (OSError, SyntaxError, struct.error...) on bad data
+        raise _BadInput(f"cannot read image ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def load_image(path: Path | str) -> torch.Tensor:
+    """Decode an image file -> uint8 tensor (3, H, W), RGB.
+
+    Every Pillow mode is converted: alpha and palette transparency composited on white, 16-bit and float data
+    scaled to 8 bits, CMYK and palettes converted, EXIF orientation applied; animated files give their first
+    frame. Unreadable files raise `VqtokError("PATH: cannot read image (reason)")`.
+    """
+    path = Path(path)
+    try:
+        arr = _read_rgb(path)
+    except _BadInput as err:
+        raise VqtokError(f"{path}: {err}") from None
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1).contiguous()
+
+
+def save_image(path: Path | str, image: torch.Tensor) -> None:
+    """Write an image tensor (3, H, W) or (1, H, W) as PNG, atomically.
+
+    Float input is taken as [0, 1] and clamped; uint8 is written as is.
+    """
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"save_image expects a (3, H, W) or (1, H, W) tensor, got shape {tuple(image.shape)}")
+    image = image.detach().cpu()
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def _fit(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3): the centred square of side min(H, W), resized with bicubic filtering.
+
+    Resizing the centred square box is the same as resizing the shorter side to `size` and centre-cropping,
+    without the intermediate image. Pillow's resampling widens its kernel when shrinking, so it antialiases.
+    """
+    h, w = arr.shape[:2]
+    if h == size and w == size:
+        return arr
+    side = min(h, w)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): shorter side resized to `size` (bicubic), centre crop."""
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"resize_and_crop expects a uint8 (3, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    arr = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    return torch.from_numpy(np.require(_fit(arr, size), requirements=["C", "W"])).permute(2, 0, 1).contiguous()
+
+
+def _evenly_spaced(items: Sequence[Path], count: int) -> list[Path]:
+    if len(items) <= count:
+        return list(items)
+    idx = np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))
+    return [items[i] for i in idx]
+
+
+def default_image_size(paths: Sequence[Path], multiple: int, cap: int = 256) -> int:
+    """A training size that fits the data: the median shorter side of up to 200 evenly spaced files.
+
+    Sizes come from the file headers only. The median is capped at `cap` and rounded down to a multiple of
+    `multiple` (the encoder's total downsampling), never below `multiple`. MNIST (28x28) with multiple 4 -> 28.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    sides = []
+    for path in _evenly_spaced(list(paths), 200):
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception:  # unreadable files are reported when the set is loaded; here they just do not vote
+            continue
+    if not sides:
+        raise VqtokError(f"none of the {len(paths)} image files has a readable size")
+    size = min(int(statistics.median(sides)), cap)
+    return max(multiple, size // multiple * multiple)
+
+
+def _chunks(items: Sequence[Path], n: int) -> Iterable[Sequence[Path]]:
+    for start in range(0, len(items), n):
+        yield items[start:start + n]
+
+
+def _workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def load_image_set(
+    paths: Sequence[Path], size: int, progress: Progress | None = None
+) -> tuple[torch.Tensor, list[Path], list[tuple[Path, str]]]:
+    """Decode, resize and centre-crop every image -> (uint8 (N, 3, size, size), kept paths, skipped).
+
+    `skipped` lists (path, one-line reason) for files that could not be read; N = len(kept). `progress`, when
+    given, is called with the number of files just finished. Decoding runs on a thread pool: Pillow releases
+    the GIL while it decodes and resamples.
+    """
+    paths = [Path(p) for p in paths]
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    skipped: list[tuple[Path, str]] = []
+
+    def work(chunk: Sequence[tuple[int, Path]]) -> list[tuple[Path, str]]:
+        bad = []
+        for i, path in chunk:
+            try:
+                out[i] = _fit(_read_rgb(path), size)
+                ok[i] = True
+            except _BadInput as err:
+                bad.append((path, str(err)))
+        return bad
+
+    indexed = list(enumerate(paths))
+    with ThreadPoolExecutor(_workers()) as pool:
+        for chunk, bad in zip(_chunks(indexed, 64), pool.map(work, _chunks(indexed, 64))):
+            skipped.extend(bad)
+            if progress is not None:
+                progress(len(chunk))
+    kept = [p for p, good in zip(paths, ok) if good]
+    images = torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous()
+    return images, kept, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(..., H, W) -> ((..., H', W'), (H, W)) with H', W' the next multiples of `multiple`.
+
+    Pads bottom and right by repeating the edge rows and columns (replicate padding: no artificial border for
+    the encoder to spend codes on); crop `[..., :H, :W]` after decoding to undo it. Works for any dtype.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    rows = torch.arange(h + ph, device=x.device).clamp_(max=h - 1)
+    cols = torch.arange(w + pw, device=x.device).clamp_(max=w - 1)
+    return x[..., rows, :][..., cols], (h, w)
+
+
+def pad_length(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
+    """(..., T) -> ((..., T'), T) with T' the next multiple of `multiple`, zero padded at the end."""
+    t = x.shape[-1]
+    pad = -t % multiple
+    return (F.pad(x, (0, pad)) if pad else x), t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio
+
+
+def _check_audio_file(path: Path) -> None:
+    if not path.is_file():
+        raise _BadInput("no such file")
+    if path.stat().st_size == 0:
+        raise _BadInput("cannot read audio (empty file)")
+
+
+def audio_info(path: Path | str) -> tuple[int, int, int]:
+    """(sample_rate in Hz, frames, channels) from the file header, without decoding the samples."""
+    path = Path(path)
+    try:
+        _check_audio_file(path)
+        info = sf.info(str(path))
+    except _BadInput as err:
+        raise VqtokError(f"{path}: {err}") from None
+    except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad headers
+        raise VqtokError(f"{path}: cannot read audio ({_one_line(err)})") from None
+    return int(info.samplerate), int(info.frames), int(info.channels)
+
+
+def _read_audio(path: Path, sample_rate: int, mono: bool) -> torch.Tensor:
+    _check_audio_file(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:
+        raise _BadInput(f"cannot read audio ({_one_line(err)})") from None
+    if data.shape[0] == 0:
+        raise _BadInput("no audio samples (empty or header-only file)")
+    if not np.isfinite(data).all():
+        raise _BadInput("audio holds NaN or infinite samples")
+    wave = torch.from_numpy(np.ascontiguousarray(data.T))
+    if mono and wave.shape[0] > 1:
+        wave = wave.mean(0, keepdim=True)
+    if rate != sample_rate:
+        wave = AF.resample(wave, int(rate), int(sample_rate))
+    # Float files may exceed full scale and resampling can overshoot slightly; the model sees [-1, 1].
+    return wave.clamp_(-1.0, 1.0)
+
+
+def load_audio(path: Path | str, sample_rate: int, mono: bool = True) -> torch.Tensor:
+    """Decode an audio file (WAV 8/16/24/32-bit int or float, FLAC, OGG, MP3) -> float32 (C, T) in [-1, 1].
+
+    C is 1 when `mono` (channels averaged), T is in samples at `sample_rate` (resampled with torchaudio's
+    windowed-sinc resampler when the file's rate differs). Raises `VqtokError` naming the file when it is
+    unreadable, holds no samples, or holds NaN/inf samples.
+    """
+    path = Path(path)
+    try:
+        return _read_audio(path, sample_rate, mono)
+    except _BadInput as err:
+        raise VqtokError(f"{path}: {err}") from None
+
+
+def save_audio(path: Path | str, wave: torch.Tensor, sample_rate: int) -> None:
+    """Write float (C, T) or (T,) samples, clipped to [-1, 1], as a 16-bit PCM WAV file, atomically."""
+    wave = wave.detach().cpu().float()
+    if wave.dim() == 1:
+        wave = wave[None]
+    if wave.dim() != 2:
+        raise ValueError(f"save_audio expects a (C, T) or (T,) tensor, got shape {tuple(wave.shape)}")
+    data = wave.nan_to_num(0.0).clamp(-1.0, 1.0).T.contiguous().numpy()
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), data, int(sample_rate), subtype="PCM_16", format="WAV")
+
+
+def load_audio_set(
+    paths: Sequence[Path], sample_rate: int, progress: Progress | None = None
+) -> tuple[list[torch.Tensor], list[Path], list[tuple[Path, str]]]:
+    """Decode every file to mono at `sample_rate` -> (waves, kept paths, skipped).
+
+    Each wave is float32 (1, T) in [-1, 1]; `skipped` lists (path, one-line reason) for unreadable files.
+    `progress`, when given, is called with the number of files just finished.
+    """
+    paths = [Path(p) for p in paths]
+
+    def work(path: Path) -> torch.Tensor | str:
+        try:
+            return _read_audio(path, sample_rate, mono=True)
+        except _BadInput as err:
+            return str(err)
+
+    waves: list[torch.Tensor] = []
+    kept: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    with ThreadPoolExecutor(_workers()) as pool:
+        for path, result in zip(paths, pool.map(work, paths)):
+            if isinstance(result, str):
+                skipped.append((path, result))
+            else:
+                waves.append(result)
+                kept.append(path)
+            if progress is not None:
+                progress(1)
+    return waves, kept, skipped

@@ -1,0 +1,25 @@
+"""`--device auto|cpu|cuda|mps` to a torch.device."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import VqtokError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto picks cuda, then mps, then cpu; an explicit device that is not available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VqtokError(f"device {name!r} requested but CUDA is not available (use --device cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise VqtokError("device 'mps' requested but MPS is not available (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise VqtokError(f"unknown device {name!r} (expected auto, cpu, cuda, cuda:N or mps)") from None

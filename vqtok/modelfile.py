@@ -1,0 +1,76 @@
+"""Model files: one self-describing `model.safetensors` (weights + JSON config + vqtok version in the metadata).
+
+Nothing here unpickles: safetensors holds raw tensors and a string-to-string metadata map, so opening a model
+file someone hands you cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .config import ModelConfig
+from .errors import VqtokError
+from .nets import Tokenizer
+
+CONFIG_KEY = "vqtok.config"
+VERSION_KEY = "vqtok.version"
+FINGERPRINT_KEY = "vqtok.fingerprint"
+
+
+def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] | None = None) -> str:
+    """Write `model` atomically; returns its fingerprint (also stored in the metadata)."""
+    fingerprint = model.fingerprint()
+    metadata = {
+        CONFIG_KEY: model.config.to_json(),
+        VERSION_KEY: __version__,
+        FINGERPRINT_KEY: fingerprint,
+        **(extra or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return fingerprint
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata map of a model or checkpoint file, without loading tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise VqtokError(f"{path}: no such model file") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise VqtokError(f"{path}: not a safetensors model file ({_first_line(err)})") from None
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
+    """Rebuild the `Tokenizer` stored in `path` (config from the metadata, then the weights), in eval mode."""
+    metadata = read_metadata(path)
+    if CONFIG_KEY not in metadata:
+        raise VqtokError(f"{path}: not a vqtok model (no {CONFIG_KEY} in its metadata)")
+    try:
+        config = ModelConfig.from_json(metadata[CONFIG_KEY])
+    except (json.JSONDecodeError, TypeError, VqtokError) as err:
+        raise VqtokError(f"{path}: unreadable model config ({_first_line(err)})") from None
+    model = Tokenizer(config)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError) as err:
+        raise VqtokError(f"{path}: weights do not match the stored config ({_first_line(err)})") from None
+    return model.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,154 @@
+"""Encoder and decoder stacks, and `Tokenizer` = encoder + residual vector quantizer + decoder.
+
+Images use 2-D convolutions in the VQ-VAE paper's style: stride-2 4x4 convolutions down to the code grid, a 3x3
+convolution and residual blocks (ReLU, 3x3, ReLU, 1x1) at the code resolution, then a 1x1 projection to the code
+dimension; the decoder mirrors it with transposed convolutions. Pixels enter in [0, 1] and are mapped to
+[-1, 1] inside, so callers never normalise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .quantize import ResidualVQ
+
+
+class ResBlock(nn.Module):
+    """x + 1x1(ReLU(3x3(ReLU(x)))), the VQ-VAE paper's residual block; `conv` picks 1-D or 2-D."""
+
+    def __init__(self, channels: int, hidden: int, conv: type[nn.Conv1d] | type[nn.Conv2d]):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), conv(channels, hidden, 3, padding=1), nn.ReLU(), conv(hidden, channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _res_stack(config: ModelConfig, conv: type[nn.Conv1d] | type[nn.Conv2d]) -> list[nn.Module]:
+    return [ResBlock(config.channels, config.res_channels, conv) for _ in range(config.res_blocks)]
+
+
+class ImageEncoder(nn.Module):
+    """(B, C_in, H, W) in [0, 1] -> (B, D, H/f, W/f) with f = config.downsample."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        n_down = int(math.log2(config.downsample))
+        widths = [config.in_channels] + [c // 2] + [c] * (n_down - 1)
+        layers: list[nn.Module] = []
+        for i in range(n_down):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(c, c, 3, padding=1))
+        layers += _res_stack(config, nn.Conv2d)
+        layers += [nn.ReLU(), nn.Conv2d(c, config.quantizer.dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2.0 - 1.0)
+
+
+class ImageDecoder(nn.Module):
+    """(B, D, h, w) -> (B, C_in, h*f, w*f), unclamped values on the [0, 1] pixel scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config.channels
+        n_up = int(math.log2(config.downsample))
+        layers: list[nn.Module] = [nn.Conv2d(config.quantizer.dim, c, 3, padding=1)]
+        layers += _res_stack(config, nn.Conv2d)
+        layers.append(nn.ReLU())
+        widths = [c] * (n_up - 1) + [c // 2] + [config.in_channels]
+        for i in range(n_up):
+            layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1))
+            if i < n_up - 1:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z) * 0.5 + 0.5
+
+
+class TokenizerOutput(NamedTuple):
+    recon: torch.Tensor  # same shape as the input, [0, 1] scale (unclamped)
+    indices: torch.Tensor  # (B, S, *grid) int64
+    losses: dict[str, torch.Tensor]  # the quantizer's weighted terms
+    z: torch.Tensor  # (B, D, *grid) encoder output
+
+
+def build_stacks(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """The encoder and decoder for the config's modality."""
+    if config.modality == "image":
+        return ImageEncoder(config), ImageDecoder(config)
+    from .audionets import AudioDecoder, AudioEncoder
+
+    return AudioEncoder(config), AudioDecoder(config)
+
+
+class Tokenizer(nn.Module):
+    """Encoder + `ResidualVQ` + decoder. Inputs are batches of images (B, 3, H, W) in [0, 1] with H, W multiples
+    of `config.downsample`, or waveforms (B, 1, T) with T a multiple of the hop."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder, self.decoder = build_stacks(config)
+        self.quantizer = ResidualVQ(config.quantizer)
+
+    @property
+    def hop(self) -> int:
+        """Input samples (audio) or pixels per side (images) per code position."""
+        return self.config.downsample
+
+    def _to_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *grid) -> (B * prod(grid), D)."""
+        return z.movedim(1, -1).reshape(-1, z.shape[1])
+
+    def _from_vectors(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B * prod(grid), D) -> (B, D, *grid) shaped like `like`."""
+        return v.reshape(like.shape[0], *like.shape[2:], -1).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor, stages: int | None = None) -> TokenizerOutput:
+        z = self.encoder(x)
+        out = self.quantizer(self._to_vectors(z), stages)
+        recon = self.decoder(self._from_vectors(out.z_q, z))
+        indices = out.indices.reshape(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
+        return TokenizerOutput(recon, indices, out.losses, z)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+        """x (B, C, *spatial) -> indices (B, S, *grid) int64."""
+        z = self.encoder(x)
+        idx = self.quantizer.encode(self._to_vectors(z), stages)
+        return idx.reshape(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, S, *grid) -> reconstruction (B, C, *spatial), clamped to the valid range."""
+        flat = indices.movedim(1, -1).reshape(-1, indices.shape[1])
+        v = self.quantizer.decode(flat)
+        grid = indices.shape[2:]
+        z_q = v.reshape(indices.shape[0], *grid, -1).movedim(-1, 1)
+        out = self.decoder(z_q)
+        return out.clamp(0.0, 1.0) if self.config.modality == "image" else out.clamp(-1.0, 1.0)
+
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over every tensor of the model (names, dtypes, shapes, bytes)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+

@@ -1,0 +1,212 @@
+"""Files to token files and back: `encode_files` and `decode_files`, the work behind `vqtok encode / decode`.
+
+Both mirror the input tree under the output folder, batch files of equal shape, skip and report a bad file and
+go on, and write every output atomically. Images are padded (edge-replicated) to a multiple of the model's
+downsampling factor; the original size goes into the token file and decode crops back to it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import data
+from .device import pick_device
+from .errors import TokenFileError, VqtokError
+from .modelfile import load
+from .nets import Tokenizer
+from .tokfile import read_tokens, write_tokens
+
+TOKEN_SUFFIX = ".vqt"
+
+# Called once per input file with (path, outcome) where outcome is "written", "exists" or "failed".
+FileCallback = Callable[[Path, str], None]
+
+
+@dataclass
+class RunReport:
+    """What an encode or decode run did, file by file."""
+
+    written: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "written": len(self.written),
+            "skipped_existing": len(self.existing),
+            "failed": [{"file": f, "error": e} for f, e in self.failed],
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "bits_per_token": 8.0 * self.bytes / self.tokens if self.tokens else 0.0,
+            "seconds": self.seconds,
+        }
+
+
+def code_table(model: Tokenizer) -> np.ndarray:
+    """(S, K) int64 code frequencies seen in training, each at least 1 so every code stays encodable."""
+    return np.maximum(model.quantizer.code_counts().cpu().numpy().astype(np.int64), 1)
+
+
+def encode_files(
+    model_path: Path,
+    inputs: Sequence[Path],
+    out: Path,
+    *,
+    force: bool = False,
+    batch_size: int = 32,
+    device: str = "auto",
+    codec: str = "packed",
+    stages: int | None = None,
+    on_file: FileCallback | None = None,
+) -> RunReport:
+    """Encode every image under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg -> out/a/b.jpg.vqt)."""
+    begin = time.perf_counter()
+    dev = pick_device(device)
+    model = load(model_path, dev)
+    modality, paths = data.find_inputs(list(inputs))
+    if modality != model.config.modality:
+        raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
+    if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
+        raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
+    report = RunReport()
+    notify = on_file or (lambda _p, _o: None)
+    fingerprint = model.fingerprint()
+    table = code_table(model) if codec == "entropy" else None
+
+    def write(path: Path, target: Path, codes: torch.Tensor, header: dict) -> None:
+        header = {"fingerprint": fingerprint, "modality": modality, **header}
+        report.bytes += write_tokens(target, codes.cpu().numpy(), header,
+                                     codebook_size=model.config.quantizer.codebook_size, codec=codec, table=table)
+        report.tokens += codes.numel()
+        report.written.append(str(target))
+        notify(path, "written")
+
+    todo: list[tuple[Path, Path, str]] = []
+    for path in paths:
+        rel = data.relative_name(path, inputs)
+        target = out / rel.with_name(rel.name + TOKEN_SUFFIX)
+        if target.exists() and not force:
+            report.existing.append(str(target))
+            notify(path, "exists")
+        else:
+            todo.append((path, target, rel.as_posix()))
+
+    def failed(path: Path, reason: str) -> None:
+        report.failed.append((str(path), reason))
+        notify(path, "failed")
+
+    where = {path: (target, source) for path, target, source in todo}
+    for items, batch in image_batches([p for p, _, _ in todo], model.hop, batch_size, failed):
+        codes = model.encode(batch.to(dev).float().div_(255.0), stages)
+        for (path, size), c in zip(items, codes):
+            target, source = where[path]
+            write(path, target, c, {"original_size": list(size), "source": source})
+    report.seconds = time.perf_counter() - begin
+    return report
+
+
+def image_batches(
+    paths: Sequence[Path], multiple: int, batch_size: int, on_error: Callable[[Path, str], None]
+) -> Iterator[tuple[list[tuple[Path, tuple[int, int]]], torch.Tensor]]:
+    """Decode images and yield batches of equal padded shape: ([(path, original (h, w))], uint8 (B, 3, H, W)).
+
+    Images are padded to multiples of `multiple`; a file that cannot be read goes to `on_error(path, message)`.
+    Batches of one shape are yielded as soon as they are full, the rest at the end, so memory holds at most
+    one partial batch per distinct shape.
+    """
+    pending: dict[tuple[int, ...], list[tuple[Path, tuple[int, int], torch.Tensor]]] = {}
+
+    def take(shape: tuple[int, ...]):
+        items = pending.pop(shape)
+        return [(p, s) for p, s, _ in items], torch.stack([x for _, _, x in items])
+
+    for path in paths:
+        try:
+            image = data.load_image(path)
+        except VqtokError as err:
+            on_error(path, str(err))
+            continue
+        padded, size = data.pad_to_multiple(image, multiple)
+        shape = tuple(padded.shape)
+        pending.setdefault(shape, []).append((path, size, padded))
+        if len(pending[shape]) >= batch_size:
+            yield take(shape)
+    for shape in list(pending):
+        yield take(shape)
+
+
+def find_token_files(inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """(token file, root it was found under) for every .vqt file named or found recursively, sorted."""
+    found: list[tuple[Path, Path]] = []
+    for root in inputs:
+        root = Path(root)
+        if root.is_file():
+            found.append((root, root.parent))
+        elif root.is_dir():
+            found.extend((p, root) for p in sorted(root.rglob(f"*{TOKEN_SUFFIX}")) if not p.name.startswith("."))
+        else:
+            raise VqtokError(f"{root}: no such file or folder")
+    if not found:
+        raise VqtokError(f"no {TOKEN_SUFFIX} token files in {', '.join(str(p) for p in inputs)}")
+    return found
+
+
+def decoded_name(token_path: Path, root: Path, modality: str) -> Path:
+    """tokens/a/b.jpg.vqt -> a/b.png (images) or a/b.wav (audio)."""
+    rel = token_path.relative_to(root) if token_path.is_relative_to(root) else Path(token_path.name)
+    stem = rel.name[: -len(TOKEN_SUFFIX)] if rel.name.endswith(TOKEN_SUFFIX) else rel.name
+    return rel.with_name(Path(stem).with_suffix(".png" if modality == "image" else ".wav").name)
+
+
+def decode_files(
+    model_path: Path,
+    inputs: Sequence[Path],
+    out: Path,
+    *,
+    force: bool = False,
+    device: str = "auto",
+    on_file: FileCallback | None = None,
+) -> RunReport:
+    """Decode every token file under `inputs` to a PNG at its original size, mirroring the tree under `out`.
+    Token files written by another model (different fingerprint) are refused and reported."""
+    begin = time.perf_counter()
+    dev = pick_device(device)
+    model = load(model_path, dev)
+    fingerprint = model.fingerprint()
+    table = code_table(model)
+    report = RunReport()
+    notify = on_file or (lambda _p, _o: None)
+    for token_path, root in find_token_files(inputs):
+        target = out / decoded_name(token_path, root, model.config.modality)
+        if target.exists() and not force:
+            report.existing.append(str(target))
+            notify(token_path, "exists")
+            continue
+        try:
+            tokens = read_tokens(token_path, table=table)
+            if tokens.header.get("fingerprint") != fingerprint:
+                raise VqtokError(f"{token_path}: written by model {tokens.header.get('fingerprint')}, "
+                                 f"not by {model_path} ({fingerprint})")
+            codes = torch.from_numpy(tokens.codes.astype(np.int64)).to(dev)
+            image = model.decode(codes.unsqueeze(0))[0]
+            h, w = tokens.header["original_size"]
+            data.save_image(target, image[:, :h, :w].cpu())
+        except (TokenFileError, VqtokError) as err:
+            report.failed.append((str(token_path), str(err)))
+            notify(token_path, "failed")
+            continue
+        report.tokens += tokens.codes.size
+        report.bytes += token_path.stat().st_size
+        report.written.append(str(target))
+        notify(token_path, "written")
+    report.seconds = time.perf_counter() - begin
+    return report

@@ -1,0 +1,362 @@
+"""Pictures drawn with Pillow alone: reconstruction grids, codebook usage histograms, spectrogram comparisons.
+
+Every function writes one PNG atomically and returns its path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, features
+
+from vqtok.atomic import atomic_path
+from vqtok.stats import code_usage, log_mel, mel_distance
+
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+GRID_BACKGROUND = (200, 200, 200)
+BAR = (58, 105, 176)
+
+# Anchor colours of matplotlib's viridis at 0, 1/8, ..., 1; the table interpolates between them.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    dtype=np.float64,
+)
+
+
+def viridis_lut() -> np.ndarray:
+    """A viridis-like colour table: (256, 3) uint8, dark purple (0) through teal to yellow (255)."""
+    pos = np.linspace(0, len(_VIRIDIS_ANCHORS) - 1, 256)
+    channels = [np.interp(pos, np.arange(len(_VIRIDIS_ANCHORS)), _VIRIDIS_ANCHORS[:, c]) for c in range(3)]
+    return np.round(np.stack(channels, axis=1)).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # Pillow's bundled font scales only when FreeType is present; otherwise it is a fixed bitmap font.
+    return ImageFont.load_default(size=12) if features.check("freetype2") else ImageFont.load_default()
+
+
+def _text_size(text: str) -> tuple[int, int]:
+    left, top, right, bottom = _font().getbbox(text)
+    return int(right - left), int(bottom)
+
+
+def _draw_vertical_text(img: Image.Image, text: str, center: tuple[int, int]) -> None:
+    """Draw `text` rotated 90 degrees counter-clockwise, centred on `center` (x, y)."""
+    w, h = _text_size(text)
+    label = Image.new("RGBA", (w + 2, h + 2), (0, 0, 0, 0))
+    ImageDraw.Draw(label).text((1, 0), text, fill=INK, font=_font())
+    label = label.rotate(90, expand=True)
+    img.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2), label)
+
+
+def _save(img: Image.Image, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _compact(v: float) -> str:
+    """A short tick label: 950, 1.2k, 34k, 1.5M."""
+    if v >= 1e6:
+        return f"{v / 1e6:.3g}M"
+    if v >= 1e3:
+        return f"{v / 1e3:.3g}k"
+    return f"{v:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reconstruction grid
+
+
+def _to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [0, 1] with C = 1 or 3 -> (B, H, W, 3) uint8."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_scale(height: int, width: int, target: int = 64) -> int:
+    """Integer upscale factor that brings the longer image side near `target` pixels (never below 1)."""
+    return max(1, round(target / max(height, width)))
+
+
+def reconstruction_grid(
+    inputs: torch.Tensor,
+    recons: torch.Tensor,
+    path: str | os.PathLike,
+    max_items: int = 16,
+    scale: int | None = None,
+    columns: int = 8,
+    gap: int = 2,
+) -> Path:
+    """Write a PNG comparing inputs (B, C, H, W) with reconstructions of the same shape, values in [0, 1].
+
+    The first `max_items` items are laid out `columns` to a row; each row of inputs has its reconstructions
+    directly below it, and consecutive input/reconstruction pairs of rows are separated by an extra 2 * gap.
+    Images are upscaled by `scale` with nearest-neighbour (default `grid_scale`: 28 x 28 and 32 x 32 images
+    become 56 and 64 px cells) and separated by `gap` px of grey. C may be 1 (grey) or 3 (RGB).
+
+    Image size: width = gap + cols * (W * scale + gap),
+    height = gap + 2 * pair_rows * (H * scale + gap) + (pair_rows - 1) * 2 * gap,
+    with cols = min(n, columns) and pair_rows = ceil(n / cols) for n = min(B, max_items).
+    """
+    if inputs.shape != recons.shape:
+        raise ValueError(f"reconstruction_grid: shapes differ, {tuple(inputs.shape)} vs {tuple(recons.shape)}")
+    n = min(inputs.shape[0], max_items)
+    if n == 0:
+        raise ValueError("reconstruction_grid: no images to draw")
+    top = _to_uint8_images(inputs[:n])
+    bottom = _to_uint8_images(recons[:n])
+    h, w = top.shape[1:3]
+    s = scale or grid_scale(h, w)
+    ch, cw = h * s, w * s
+    cols = min(n, columns)
+    pair_rows = math.ceil(n / cols)
+    sep = 2 * gap
+    width = gap + cols * (cw + gap)
+    height = gap + 2 * pair_rows * (ch + gap) + (pair_rows - 1) * sep
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = GRID_BACKGROUND
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x0 = gap + c * (cw + gap)
+        for half, images in enumerate((top, bottom)):
+            y0 = gap + (2 * r + half) * (ch + gap) + r * sep
+            canvas[y0:y0 + ch, x0:x0 + cw] = images[i].repeat(s, axis=0).repeat(s, axis=1)
+    return _save(Image.fromarray(canvas), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Usage histogram
+
+
+def _bars(sorted_counts: np.ndarray, plot_width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bars for counts (K,) sorted descending, fitted into `plot_width` pixel columns.
+
+    With more codes than columns, each one-pixel bar shows the mean count of a run of consecutive ranks.
+    Returns (values (n,), pixel edges (n + 1,) from the plot's left, first rank of each bar plus K (n + 1,)).
+    """
+    k = len(sorted_counts)
+    if k <= plot_width:
+        edges = np.floor(np.arange(k + 1) * plot_width / k).astype(np.int64)
+        return sorted_counts, edges, np.arange(k + 1)
+    starts = (np.arange(plot_width + 1) * k) // plot_width
+    values = np.add.reduceat(sorted_counts, starts[:-1]) / np.diff(starts)
+    return values, np.arange(plot_width + 1), starts
+
+
+def usage_histogram(
+    counts: torch.Tensor | np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+    log_scale: bool = False,
+    width: int = 800,
+    height: int = 420,
+) -> Path:
+    """Write a PNG bar chart of per-code counts (K,), most used code first, `width` x `height` px.
+
+    The header gives usage %, dead codes, perplexity and entropy (from `stats.code_usage`). With K larger
+    than the plot's pixel width, each bar is the mean count of a run of consecutive ranks (the x label says
+    how many). `log_scale` plots log10(1 + count) so rarely used codes stay visible next to dominant ones.
+    All-zero counts draw empty axes and say so.
+    """
+    c = (counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts))
+    c = c.astype(np.float64)
+    u = code_usage(c)
+    left, right, top, bottom = 76, 16, 52, 42
+    pw, ph = width - left - right, height - top - bottom
+    if pw < 16 or ph < 16:
+        raise ValueError(f"usage_histogram: {width} x {height} px leaves no room for the plot")
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    font = _font()
+
+    if title:
+        draw.text((left, 6), title, fill=INK, font=font)
+    if u.tokens:
+        summary = (
+            f"usage {100 * u.usage:.1f}% ({u.used:,} of {u.codebook_size:,} codes, {u.dead:,} dead)   "
+            f"perplexity {u.perplexity:,.1f}   entropy {u.entropy_bits:.2f} of {u.max_entropy_bits:.2f} bits"
+            f"   {u.tokens:,} tokens"
+        )
+    else:
+        summary = f"no tokens counted ({u.codebook_size:,} codes)"
+    draw.text((left, 26), summary, fill=INK, font=font)
+
+    values, edges, starts = _bars(np.sort(c)[::-1], pw)
+    binned = len(values) < len(c)
+    vmax = float(values.max()) if values.size else 0.0
+    y_of = (lambda v: np.log10(1 + v) / math.log10(1 + vmax)) if log_scale else (lambda v: v / vmax)
+    base = top + ph
+    if vmax > 0:
+        frac = y_of(values)
+        gap = 1 if len(values) <= pw // 4 else 0  # separate bars only when they are wide enough to see
+        for i, f in enumerate(frac):
+            bar_h = int(round(f * ph))
+            if bar_h > 0:
+                draw.rectangle((left + edges[i], base - bar_h, left + edges[i + 1] - 1 - gap, base - 1), fill=BAR)
+
+    # Axes, ticks and labels.
+    draw.line((left - 1, top, left - 1, base), fill=INK)
+    draw.line((left - 1, base, left + pw, base), fill=INK)
+    if vmax > 0:
+        if log_scale:
+            ticks = [0.0] + [10.0**d for d in range(int(math.log10(vmax)) + 1)]
+        else:
+            ticks = [0.0, vmax / 2, vmax]
+        for t in ticks:
+            y = base - int(round(float(y_of(t)) * ph))
+            draw.line((left - 5, y, left - 1, y), fill=INK)
+            label = _compact(t)
+            tw, th = _text_size(label)
+            draw.text((left - 8 - tw, y - th // 2 - 1), label, fill=INK, font=font)
+    k = u.codebook_size
+    for rank in sorted({0, k // 2, k - 1}):
+        b = int(np.searchsorted(starts, rank, side="right")) - 1
+        x = left + (int(edges[b]) + int(edges[b + 1]) - 1) // 2
+        draw.line((x, base, x, base + 4), fill=INK)
+        label = f"{rank:,}"
+        tw, _ = _text_size(label)
+        draw.text((min(x - tw // 2, width - right - tw), base + 6), label, fill=INK, font=font)
+    x_label = "codes, most used first" + (f" (each bar: {k / len(values):.3g} codes)" if binned else "")
+    tw, _ = _text_size(x_label)
+    draw.text((left + (pw - tw) // 2, height - 18), x_label, fill=INK, font=font)
+    y_label = ("mean tokens per code" if binned else "tokens per code") + (" (log)" if log_scale else "")
+    _draw_vertical_text(img, y_label, (10, top + ph // 2))
+    return _save(img, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spectrogram comparison
+
+
+def _mono(wave: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(wave)) if not isinstance(wave, torch.Tensor) else wave.detach().cpu()
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"spectrogram_comparison: {what} must be a mono waveform (T,), got {tuple(t.shape)}")
+    return t.float()
+
+
+def _hz_to_mel(f: float) -> float:
+    # The HTK formula, which torchaudio's MelSpectrogram uses by default.
+    return 2595.0 * math.log10(1.0 + f / 700.0)
+
+
+def _time_step(duration: float) -> float:
+    """A round tick step that puts at most 8 ticks on `duration` seconds."""
+    for step in (0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600):
+        if duration / step <= 8:
+            return float(step)
+    return 10 ** math.ceil(math.log10(duration / 8))
+
+
+def spectrogram_comparison(
+    reference: torch.Tensor | np.ndarray,
+    reconstruction: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    path: str | os.PathLike,
+    width: int = 800,
+    n_mels: int = 80,
+    title: str = "",
+    dynamic_range_db: float = 80.0,
+) -> Path:
+    """Write a PNG with the log-mel spectrogram of `reference` (T,) above that of `reconstruction` (T',).
+
+    Both use `stats.log_mel` (80 mel bands, 0 Hz to sample_rate / 2) and one shared colour scale: the
+    brightest bin of either is 0 dB and colours span `dynamic_range_db` below it (viridis-like: dark purple
+    quiet, yellow loud). The shorter signal is zero-padded so time lines up; the header gives the log-mel
+    distance of the two. The image is `width` px wide; each panel is 2 * n_mels px tall, low frequencies at
+    the bottom, with frequency ticks in Hz and a time axis in seconds.
+    """
+    ref = _mono(reference, "reference")
+    rec = _mono(reconstruction, "reconstruction")
+    length = max(ref.numel(), rec.numel())
+    waves = torch.stack([torch.nn.functional.pad(w, (0, length - w.numel())) for w in (ref, rec)])
+    specs = log_mel(waves, sample_rate, n_mels=n_mels).numpy()  # (2, n_mels, frames), log10 magnitude
+    distance = float(mel_distance(waves[1:], waves[:1], sample_rate, n_mels=n_mels)[0])
+
+    left, right, top, bottom = 64, 72, 26, 40
+    label_h, panel_gap = 18, 8
+    pw, ph = width - left - right, 2 * n_mels
+    if pw < 32:
+        raise ValueError(f"spectrogram_comparison: width {width} px leaves no room for the spectrograms")
+    height = top + 2 * (label_h + ph) + panel_gap + bottom
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    font = _font()
+
+    vmax = float(specs.max())
+    vmin = vmax - dynamic_range_db / 20.0  # log10 magnitude: 20 dB per unit
+    levels = np.clip((specs - vmin) / (vmax - vmin), 0.0, 1.0)
+    lut = viridis_lut()
+    header = f"{title}   " if title else ""
+    header += f"{sample_rate:,} Hz, {length / sample_rate:.2f} s   log-mel distance {distance:.3f}"
+    draw.text((left, 6), header, fill=INK, font=font)
+
+    duration = length / sample_rate
+    panel_tops = []
+    for i, name in enumerate(("input", "reconstruction")):
+        y_label = top + i * (label_h + ph + panel_gap)
+        y0 = y_label + label_h
+        panel_tops.append(y0)
+        draw.text((left, y_label + 1), name, fill=INK, font=font)
+        # Resize the levels, not the colours, so interpolated pixels stay on the colour map.
+        level_img = Image.fromarray(levels[i][::-1].astype(np.float32))  # flip: low frequencies at the bottom
+        resized = np.asarray(level_img.resize((pw, ph), Image.Resampling.BILINEAR))
+        img.paste(Image.fromarray(lut[np.round(resized.clip(0, 1) * 255).astype(np.int64)]), (left, y0))
+        draw.rectangle((left - 1, y0 - 1, left + pw, y0 + ph), outline=INK)
+        mel_top = _hz_to_mel(sample_rate / 2)
+        for f in (0, 500, 1000, 2000, 4000, 8000, 16000, 32000):
+            if f > sample_rate / 2:
+                break
+            y = y0 + ph - 1 - int(round(_hz_to_mel(f) / mel_top * (ph - 1)))
+            draw.line((left - 5, y, left - 1, y), fill=INK)
+            label = _compact(f)
+            tw, th = _text_size(label)
+            draw.text((left - 8 - tw, y - th // 2 - 1), label, fill=INK, font=font)
+        _draw_vertical_text(img, "Hz", (10, y0 + ph // 2))
+
+    # Time axis under the lower panel.
+    base = panel_tops[1] + ph
+    step = _time_step(duration)
+    for j in range(int(duration / step + 1e-9) + 1):
+        t = j * step
+        x = left + int(round(t / duration * (pw - 1)))
+        draw.line((x, base, x, base + 4), fill=INK)
+        label = f"{t:g}"
+        tw, _ = _text_size(label)
+        draw.text((x - tw // 2, base + 6), label, fill=INK, font=font)
+    tw, _ = _text_size("time (s)")
+    draw.text((left + (pw - tw) // 2, height - 16), "time (s)", fill=INK, font=font)
+
+    # Colour bar spanning both panels, loud at the top.
+    bx0, by0, by1 = left + pw + 12, panel_tops[0], base
+    ramp = lut[np.linspace(255, 0, by1 - by0).round().astype(np.int64)]
+    bar = np.repeat(ramp[:, None, :], 12, axis=1)
+    img.paste(Image.fromarray(bar), (bx0, by0))
+    draw.rectangle((bx0 - 1, by0 - 1, bx0 + 12, by1), outline=INK)
+    for y, label in ((by0, "0 dB"), (by1 - 10, f"-{dynamic_range_db:g} dB")):
+        draw.text((bx0 + 16, y), label, fill=INK, font=font)
+    return _save(img, path)

@@ -1,0 +1,139 @@
+"""The figures behind `vqtok inspect` and `vqtok eval`.
+
+inspect: how a codebook is used (usage, dead codes, perplexity, entropy in bits/token against log2 K, the most
+used codes), measured from token files or by encoding a data folder with a model. eval: reconstruction quality
+(PSNR, SSIM, MSE) plus the same codebook figures, quantization error and bits per pixel over a folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import data, plots, stats
+from .device import pick_device
+from .errors import TokenFileError, VqtokError
+from .evaluate import ImageEvaluator
+from .modelfile import load
+from .pipeline import find_token_files, image_batches
+from .tokfile import read_tokens
+
+
+@dataclass
+class InspectReport:
+    """Codebook usage per stage over a set of tokens."""
+
+    source: str
+    files: int
+    codebook_size: int
+    counts: np.ndarray  # (S, K) int64
+    file_bytes: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[stats.CodeUsage]:
+        return [stats.code_usage(c) for c in self.counts]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source,
+            "files": self.files,
+            "tokens": self.tokens,
+            "codebook_size": self.codebook_size,
+            "bits_per_code": math.ceil(math.log2(self.codebook_size)),
+            "stages": [u.to_dict() for u in self.stages],
+            "failed": [{"file": f, "error": e} for f, e in self.failed],
+        }
+        if self.file_bytes:
+            out["file_bits_per_token"] = 8.0 * self.file_bytes / max(self.tokens, 1)
+        return out
+
+
+def inspect_tokens(inputs: Sequence[Path]) -> InspectReport:
+    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint)."""
+    counts: np.ndarray | None = None
+    fingerprint = None
+    report = InspectReport(source=", ".join(str(p) for p in inputs), files=0, codebook_size=0,
+                           counts=np.zeros((0, 0), np.int64))
+    for path, _root in find_token_files(inputs):
+        try:
+            tokens = read_tokens(path)
+        except TokenFileError as err:
+            report.failed.append((str(path), str(err)))
+            continue
+        header = tokens.header
+        if fingerprint is None:
+            fingerprint = header["fingerprint"]
+            report.codebook_size = int(header["codebook_size"])
+            counts = np.zeros((tokens.codes.shape[0], report.codebook_size), np.int64)
+        elif header["fingerprint"] != fingerprint:
+            raise VqtokError(f"{path}: written by model {header['fingerprint']}, but earlier files by {fingerprint}; "
+                             "inspect one model's tokens at a time")
+        assert counts is not None
+        flat = tokens.codes.reshape(tokens.codes.shape[0], -1)
+        for s in range(min(flat.shape[0], counts.shape[0])):
+            counts[s] += np.bincount(flat[s], minlength=report.codebook_size)
+        report.files += 1
+        report.file_bytes += path.stat().st_size
+    if counts is None:
+        raise VqtokError(f"none of the token files under {report.source} could be read "
+                         f"(first: {report.failed[0][0]}: {report.failed[0][1]})")
+    report.counts = counts
+    return report
+
+
+def inspect_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",
+                  batch_size: int = 32) -> InspectReport:
+    """Encode the files under `inputs` with the model (nothing written) and count its codes."""
+    result = evaluate_model(model_path, inputs, device=device, batch_size=batch_size)
+    return InspectReport(source=", ".join(str(p) for p in inputs), files=int(result.metrics["images"]),
+                         codebook_size=result.counts.shape[1], counts=result.counts, failed=result.failed)
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]
+    counts: np.ndarray  # (S, K)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metrics, "failed": [{"file": f, "error": e} for f, e in self.failed]}
+
+
+def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",
+                   batch_size: int = 32) -> EvalReport:
+    """PSNR / SSIM / MSE per image at its original size, usage, perplexity, quantization error, bits per pixel."""
+    dev = pick_device(device)
+    model = load(model_path, dev)
+    modality, paths = data.find_inputs(list(inputs))
+    if modality != model.config.modality:
+        raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
+    failed: list[tuple[str, str]] = []
+    evaluator = ImageEvaluator(model)
+    for items, batch in image_batches(paths, model.hop, batch_size, lambda p, why: failed.append((str(p), why))):
+        # Every image in a batch shares its padded shape but not always its original size: score each
+        # image's own region so padding never counts.
+        sizes = {size for _, size in items}
+        x = batch.to(dev).float().div_(255.0)
+        if len(sizes) == 1:
+            evaluator.add(x, sizes.pop())
+        else:
+            for i, (_, size) in enumerate(items):
+                evaluator.add(x[i:i + 1], size)
+    if evaluator.images == 0:
+        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
+    return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed)
+
+
+def write_usage_plot(report: InspectReport, path: Path) -> None:
+    """The first stage's usage histogram (sorted per-code counts) as a PNG."""
+    plots.usage_histogram(torch.from_numpy(report.counts[0]), path, title=f"code usage: {report.source}")
