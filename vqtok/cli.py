@@ -151,18 +151,25 @@ def train(
     model_config = ModelConfig(channels=channels, downsample=downsample, res_blocks=res_blocks, quantizer=quantizer)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
                                checkpoint_every=checkpoint_every, val_fraction=val_fraction, device=device)
-    with _user_errors(), _progress() as progress:
-        task = progress.add_task("training", total=steps, info="")
+    progress = _progress()
+    task = progress.add_task("training", total=steps, info="", start=False)
 
-        def on_progress(step: int, total: int, m: dict[str, float]) -> None:
-            info = f"loss {m['loss']:.4f}"
-            if "psnr" in m:
-                info += f"  psnr {m['psnr']:.2f} dB"
-            info += f"  usage {100 * m.get('usage', 0):.1f}%"
-            progress.update(task, completed=step, info=info)
+    def on_progress(step: int, total: int, m: dict[str, float]) -> None:
+        if not progress.live.is_started:  # only once data is read, so an early error prints alone
+            progress.start()
+            progress.start_task(task)
+        info = f"loss {m['loss']:.4f}"
+        if "psnr" in m:
+            info += f"  psnr {m['psnr']:.2f} dB"
+        info += f"  usage {100 * m.get('usage', 0):.1f}%"
+        progress.update(task, completed=step, total=total, info=info)
 
-        result = run_training(data, out, model_config, train_config, size=size, resume=resume,
-                              on_progress=on_progress, on_status=lambda msg: progress.console.log(msg))
+    try:
+        with _user_errors():
+            result = run_training(data, out, model_config, train_config, size=size, resume=resume,
+                                  on_progress=on_progress, on_status=lambda msg: err.log(msg))
+    finally:
+        progress.stop()
     _report_failures(result.skipped)
     if json_out:
         _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,

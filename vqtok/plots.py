@@ -201,7 +201,8 @@ def usage_histogram(
         )
     else:
         summary = f"no tokens counted ({u.codebook_size:,} codes)"
-    draw.text((left, 26), summary, fill=INK, font=font)
+    # Long summaries on narrow pictures start further left rather than run off the edge.
+    draw.text((max(8, min(left, width - 8 - _text_size(summary)[0])), 26), summary, fill=INK, font=font)
 
     values, edges, starts = _bars(np.sort(c)[::-1], pw)
     binned = len(values) < len(c)
@@ -238,7 +239,7 @@ def usage_histogram(
         label = f"{rank:,}"
         tw, _ = _text_size(label)
         draw.text((min(x - tw // 2, width - right - tw), base + 6), label, fill=INK, font=font)
-    x_label = "codes, most used first" + (f" (each bar: {k / len(values):.3g} codes)" if binned else "")
+    x_label = "code rank, most used first" + (f" (each bar: {k / len(values):.3g} codes)" if binned else "")
     tw, _ = _text_size(x_label)
     draw.text((left + (pw - tw) // 2, height - 18), x_label, fill=INK, font=font)
     y_label = ("mean tokens per code" if binned else "tokens per code") + (" (log)" if log_scale else "")

@@ -26,12 +26,12 @@ import torch
 
 BACKENDS = ("auto", "torch", "faiss", "cuda")
 
-# On CPU, "auto" sends a search to faiss once N*K*D reaches this many multiply-adds, and to the blocked torch
-# search below it. Measured with benchmarks/search.py on the 2-core Xeon (AVX-512) this was written on,
-# D=64, best of 5: faiss (IndexFlatL2 + one OpenBLAS sgemm) costs a fixed ~0.1 ms per call that torch does
-# not, so torch wins small searches (N=256, K=512: 0.35 ms vs 0.8 ms); at N*K*D ~ 2**26 the two are level
-# (N=2048, K=512: ~1.0 ms each), and from there up faiss is 5-30% faster (N=65536, K=4096: 130 vs 150 GFLOP/s).
-FAISS_MIN_WORK = 1 << 26
+# On CPU, "auto" sends a search with at least this many rows of x to faiss and a smaller one to the blocked
+# torch search. The crossover is set by N, not by N*K*D: below ~2048 rows faiss's search is 1.5-2.5x slower
+# than torch whatever K is, from 2048 rows up it is level or 5-15% faster. Measured with
+# `benchmarks/search.py --crossover` on a 2-core AVX-512 Xeon, D=64, K=64/512/4096, best of 15: N=1024,
+# K=4096: torch 3.9 ms, faiss 10.9 ms; N=2048: 7.8 vs 7.2 ms; N=65536: 233 vs 210 ms.
+FAISS_MIN_ROWS = 2048
 
 # Block shapes. CPU: 512 rows x 2048 codes of float32 is 4 MiB, the L2 cache of this machine; measured
 # at N=32768, D=64 this reached 150-160 GFLOP/s against ~60 for blocks of 32 MiB and ~55 for the whole
@@ -54,7 +54,7 @@ def nearest(
 
     x: (N, D), codebook: (K, D), on the same device, any floating dtype (half and bfloat16 are computed in
     float32). backend: "auto", "torch", "faiss" or "cuda" (see the module docstring); "auto" takes "cuda" for
-    GPU tensors, and on CPU "faiss" when N*K*D >= FAISS_MIN_WORK, else "torch". "faiss" on GPU tensors
+    GPU tensors, and on CPU "faiss" when N >= FAISS_MIN_ROWS, else "torch". "faiss" on GPU tensors
     copies them to the CPU and the results back. chunk: rows of x per block for "torch"/"cuda" (default 512
     on CPU, 8192 on GPU); the codebook is scanned in blocks of 2048 (CPU) or 8192 (GPU) codes.
 
@@ -98,7 +98,7 @@ def _auto_backend(x: torch.Tensor, codebook: torch.Tensor) -> str:
     """The backend "auto" picks for these shapes and this device."""
     if x.device.type == "cuda":
         return "cuda"
-    if x.device.type == "cpu" and x.shape[0] * codebook.shape[0] * x.shape[1] >= FAISS_MIN_WORK:
+    if x.device.type == "cpu" and x.shape[0] >= FAISS_MIN_ROWS:
         return "faiss"
     return "torch"
 
@@ -147,8 +147,9 @@ def _faiss_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     # Contiguous float32 CPU tensors are handed to faiss as numpy views, without a copy.
     x_cpu = x.cpu().contiguous()
     cb_cpu = codebook.cpu().contiguous()
-    # faiss and torch each bring their own OpenMP runtime; with both pools at full size they take turns
-    # spinning on the same cores, so faiss gets the thread count torch was given.
+    # faiss and torch each ship an OpenMP runtime. Imported after torch (as here), faiss binds to torch's and
+    # shares its thread pool; imported first, it keeps its own pool, sized to all cores whatever torch was
+    # told. Either way faiss gets torch's thread count, so a caller's torch.set_num_threads holds for both.
     faiss.omp_set_num_threads(torch.get_num_threads())
     index = faiss.IndexFlatL2(cb_cpu.shape[1])
     index.add(cb_cpu.numpy())
@@ -156,7 +157,9 @@ def _faiss_nearest(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     indices = torch.empty((n, 1), dtype=torch.long)
     scores = torch.empty((n, 1), dtype=torch.float32)
     index.search(x_cpu.numpy(), 1, D=scores.numpy(), I=indices.numpy())
-    indices = indices.view(n)
+    # faiss answers -1 for rows it cannot place (NaN input); torch's min gives a valid index there, and so
+    # do we, leaving the NaN to show in the distance.
+    indices = indices.view(n).clamp_(min=0)
     dists = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, _EXACT_ROWS):
         stop = start + _EXACT_ROWS

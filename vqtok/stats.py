@@ -52,7 +52,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, ndim: int, what: str) -> None:
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
-    """Promote integer and half tensors to float32; keep float64 so references can be matched closely."""
+    """Promote integer and half tensors to float32; float64 stays float64 for full precision."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 

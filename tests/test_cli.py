@@ -1,0 +1,176 @@
+"""The command line end to end on real sample images: train -> encode -> decode -> inspect -> eval, exit codes,
+--json output, and one bad input per command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqtok import data
+from vqtok.cli import app
+from vqtok.modelfile import load
+from vqtok.tokfile import FIXED_OVERHEAD_BYTES, read_tokens
+
+runner = CliRunner()
+TINY = ["--steps", "40", "--warmup", "5", "--batch-size", "16", "--channels", "32", "--code-dim", "16", "--codebook-size", "32",
+        "--checkpoint-every", "20", "--device", "cpu"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, sample_images: Path) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "images"
+    (folder / "nested").mkdir(parents=True)
+    for i, src in enumerate(sorted(sample_images.glob("*.png"))[:60]):
+        shutil.copy(src, (folder / "nested" if i % 2 else folder) / src.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, images: Path) -> Path:
+    run = tmp_path_factory.mktemp("run") / "run"
+    result = invoke("train", images, "--out", run, *TINY, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 40 and summary["train_files"] + summary["val_files"] == 60
+    return run / "model.safetensors"
+
+
+def test_round_trip_tokens_equal_encoder_tokens(model_path: Path, images: Path, tmp_path: Path) -> None:
+    tokens, recon = tmp_path / "tokens", tmp_path / "recon"
+    result = invoke("encode", model_path, images, "--out", tokens, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] == 60
+    model = load(model_path)
+    for src in sorted(images.rglob("*.png"))[:5]:
+        rel = src.relative_to(images)
+        tok = read_tokens(tokens / rel.with_name(rel.name + ".vqt"))
+        x = data.load_image(src).float().div(255).unsqueeze(0)
+        assert np.array_equal(tok.codes, model.encode(x)[0].numpy())
+        assert tok.header["original_size"] == [28, 28]
+    result = invoke("decode", model_path, tokens, "--out", recon)
+    assert result.exit_code == 0, result.output
+    outputs = sorted(p.relative_to(recon) for p in recon.rglob("*.png"))
+    assert outputs == sorted(p.relative_to(images) for p in images.rglob("*.png"))
+    assert Image.open(recon / outputs[0]).size == (28, 28)
+
+
+def test_token_file_size_is_packed_bits_plus_header(model_path: Path, images: Path, tmp_path: Path) -> None:
+    assert invoke("encode", model_path, images, "--out", tmp_path).exit_code == 0
+    path = next(tmp_path.rglob("*.vqt"))
+    header_len = len(json.dumps(read_tokens(path).header, separators=(",", ":")).encode())
+    packed = (7 * 7 * 5 + 7) // 8  # K=32: 5 bits per code
+    assert path.stat().st_size <= FIXED_OVERHEAD_BYTES + header_len + packed + 8
+
+
+def test_encode_odd_sizes_decode_back_to_original_size(model_path: Path, tmp_path: Path) -> None:
+    src = tmp_path / "odd"
+    src.mkdir()
+    Image.new("RGB", (37, 21), (200, 30, 30)).save(src / "wide.png")
+    Image.new("L", (13, 50), 128).save(src / "tall.jpg")
+    assert invoke("encode", model_path, src, "--out", tmp_path / "t").exit_code == 0
+    assert invoke("decode", model_path, tmp_path / "t", "--out", tmp_path / "r").exit_code == 0
+    assert Image.open(tmp_path / "r" / "wide.png").size == (37, 21)
+    assert Image.open(tmp_path / "r" / "tall.png").size == (13, 50)
+
+
+def test_encode_skips_bad_files_and_existing_outputs(model_path: Path, images: Path, tmp_path: Path) -> None:
+    src = tmp_path / "mixed"
+    shutil.copytree(images, src)
+    (src / "zero.png").write_bytes(b"")
+    (src / "text.jpg").write_text("hello")
+    result = invoke("encode", model_path, src, "--out", tmp_path / "t", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["written"] == 60 and len(report["failed"]) == 2
+    assert "zero.png" in result.stderr and "text.jpg" in result.stderr
+    again = json.loads(invoke("encode", model_path, src, "--out", tmp_path / "t", "--json").stdout)
+    assert again["written"] == 0 and again["skipped_existing"] == 60
+    forced = json.loads(invoke("encode", model_path, src, "--out", tmp_path / "t", "--force", "--json").stdout)
+    assert forced["written"] == 60
+
+
+def test_decode_refuses_tokens_of_another_model(model_path: Path, images: Path, tmp_path: Path) -> None:
+    other = load(model_path)
+    with torch.no_grad():
+        next(other.decoder.parameters()).add_(0.01)
+    from vqtok.modelfile import save_model
+
+    other_path = tmp_path / "other.safetensors"
+    save_model(other, other_path)
+    assert invoke("encode", model_path, images, "--out", tmp_path / "t").exit_code == 0
+    result = invoke("decode", other_path, tmp_path / "t", "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    assert "written by model" in result.stderr
+    assert not list((tmp_path / "r").rglob("*.png")) if (tmp_path / "r").exists() else True
+
+
+def test_inspect_tokens_and_model(model_path: Path, images: Path, tmp_path: Path) -> None:
+    assert invoke("encode", model_path, images, "--out", tmp_path / "t").exit_code == 0
+    result = invoke("inspect", tmp_path / "t", "--json", "--plot", tmp_path / "usage.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stage = report["stages"][0]
+    assert report["files"] == 60 and report["tokens"] == 60 * 49
+    assert 0 < stage["usage"] <= 1 and 1 <= stage["perplexity"] <= 32
+    assert stage["entropy_bits"] <= stage["max_entropy_bits"] == pytest.approx(5.0)
+    assert Image.open(tmp_path / "usage.png").width > 100
+    via_model = json.loads(invoke("inspect", model_path, "--data", images, "--json").stdout)
+    assert via_model["stages"][0]["used"] == stage["used"]
+    assert via_model["stages"][0]["perplexity"] == pytest.approx(stage["perplexity"])
+    table = invoke("inspect", tmp_path / "t")
+    assert table.exit_code == 0 and "perplexity" in table.stdout
+
+
+def test_eval_reports_quality(model_path: Path, images: Path) -> None:
+    result = invoke("eval", model_path, images, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert 5 < m["psnr"] < 60 and -1 < m["ssim"] <= 1 and m["mse"] > 0
+    assert m["bits_per_pixel"] == pytest.approx(49 * 5 / (28 * 28))
+    assert 0 < m["usage"] <= 1 and m["images"] == 60 and 0 <= m["quant_error"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "{tmp}/missing.safetensors", "{images}", "--out", "{tmp}/t"], "missing.safetensors"),
+        (["encode", "{model}", "{tmp}/nowhere", "--out", "{tmp}/t"], "nowhere"),
+        (["decode", "{model}", "{tmp}/empty", "--out", "{tmp}/r"], "no .vqt token files"),
+        (["inspect", "{model}"], "--data"),
+        (["eval", "{tmp}/notes.txt", "{images}"], "notes.txt"),
+        (["train", "{tmp}/empty", "--out", "{tmp}/run"], "no image or audio files"),
+        (["train", "{images}", "--out", "{tmp}/run", "--downsample", "5"], "downsample"),
+        (["encode", "{model}", "{images}", "--out", "{tmp}/t", "--device", "cuda:7"], "cuda"),
+    ],
+)
+def test_user_errors_are_one_line_exit_1(args, message, model_path: Path, images: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    filled = [a.format(tmp=tmp_path, images=images, model=model_path) for a in args]
+    result = invoke(*filled)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_bad_usage_exits_2() -> None:
+    assert invoke("train").exit_code == 2
+    assert invoke("encode", "--nonsense").exit_code == 2
+    assert invoke("train", "x", "--out", "y", "--estimator", "magic").exit_code == 2
+
+
+def test_help_shows_defaults() -> None:
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--codebook-size" in result.stdout and "default: 512" in result.stdout

@@ -1,0 +1,542 @@
+"""The `.vqt` token file: one tokenized image or audio clip, codes of shape (S, *grid).
+
+Layout (docs/FORMAT.md has the full description and the rules a reader enforces):
+
+    magic b"VQTK" | major u8 | minor u8 | header_len u32 | header (JSON) | payload_len u32 | payload | CRC32 u32
+
+All integers are little-endian; the CRC32 covers every byte before it. Two payload codecs:
+
+- "packed": the codes of all stages, stage by stage in C order, at ceil(log2 K) bits each, LSB first.
+- "entropy": a static rANS coder on integer frequency tables (one per stage), either the model's code
+  frequencies (the caller passes them to reader and writer) or per-file counts stored in the payload.
+  Tables are normalised with integer arithmetic only, so a file decodes identically on every platform.
+
+Reading never trusts a length: sizes are checked against the bytes actually present before anything is
+allocated, and every problem raises `TokenFileError` naming the file.
+
+This module imports numpy only (no torch), so tools that only read token files stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import write_bytes_atomic
+from .errors import TokenFileError
+
+MAGIC = b"VQTK"
+VERSION = (1, 0)
+CODECS = ("packed", "entropy")
+# magic (4) + major, minor (2) + header length (4) + payload length (4) + CRC32 (4).
+FIXED_OVERHEAD_BYTES = 18
+MAX_HEADER_BYTES = 65536
+MAX_CODEBOOK_SIZE = 1 << 24
+MAX_STAGES = 256
+MAX_GRID_DIMS = 3
+FORMAT_KEYS = ("codec", "codebook_size", "stages", "grid")
+
+# rANS parameters. The state x lives in [2^32, 2^64) and leaves the coder 32 bits at a time; frequencies
+# sum to 2^precision with precision in [12, 24], so x / f >= 2^8 at every step (see _max_symbols).
+_RANS_L = 1 << 32
+_WORD_MASK = (1 << 32) - 1
+_MIN_PRECISION = 12
+_MAX_PRECISION = 24
+# A symbol may take at most 31/32 of a table: every symbol then costs >= log2(32/31) = 0.046 bits, which
+# bounds how many codes a payload of a given size can hold (see _max_symbols).
+_CAP_DIVISOR = 32
+# Codes per chunk in bit (un)packing: bounds the (chunk, 32) bit matrix to 8 MiB.
+_PACK_CHUNK = 1 << 18
+
+
+@dataclass
+class Tokens:
+    """The content of one token file.
+
+    codes: int64, shape (S, *grid) (S residual stages; grid (H, W) for images, (C, T) or (T,) for audio).
+    header: the JSON header as read: the writer's format fields (codec, codebook_size, stages, grid and the
+    codec's own fields) plus the caller's metadata (fingerprint, modality, sizes, source name...).
+    path: the file read, or None when decoded from bytes.
+    """
+
+    codes: np.ndarray
+    header: dict[str, Any]
+    path: Path | None = None
+
+
+def bits_per_code(codebook_size: int) -> int:
+    """Bits per code in the packed codec: ceil(log2 K), at least 1."""
+    if codebook_size < 2:
+        raise ValueError(f"codebook size must be >= 2, got {codebook_size}")
+    return (codebook_size - 1).bit_length()
+
+
+def entropy_precision(codebook_size: int) -> int:
+    """Bits of the frequency-table total 2^precision the writer uses for K codes (12..24)."""
+    return min(_MAX_PRECISION, max(_MIN_PRECISION, bits_per_code(codebook_size) + 8))
+
+
+def normalize_table(counts: np.ndarray, precision: int, *, floor_all: bool = True) -> np.ndarray:
+    """Integer frequency tables summing to 2^precision, from code counts.
+
+    counts: (S, K) non-negative integers (code counts per stage). floor_all: every code gets frequency >= 1
+    (model tables, so any code can be coded); otherwise only codes with a nonzero count do (per-file tables).
+    Frequencies are proportional to counts (largest remainders, ties to the lower code) and no code takes
+    more than 31/32 of the total. Integer arithmetic only: identical on every platform.
+    Returns int64 (S, K).
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] < 2 or counts.dtype.kind not in "iu":
+        raise ValueError(f"frequency table must be an integer array (S, K) with K >= 2, got {counts.dtype} {counts.shape}")
+    if counts.dtype.kind == "i" and counts.size and counts.min() < 0:
+        raise ValueError("frequency table counts must be >= 0")
+    if counts.dtype == np.uint64 and counts.size and counts.max() >= 1 << 63:
+        raise ValueError("frequency table counts must be < 2^63")
+    total = 1 << precision
+    if counts.shape[1] > total:
+        raise ValueError(f"{counts.shape[1]} codes do not fit a table of total 2^{precision}")
+    return np.stack([_normalize_row(row.astype(np.int64), total, floor_all) for row in counts])
+
+
+def _normalize_row(c: np.ndarray, total: int, floor_all: bool) -> np.ndarray:
+    """One stage of `normalize_table`: int64 counts (K,) -> int64 frequencies (K,) summing to `total`."""
+    if not c.any():
+        c = np.ones_like(c)
+    # Keep c * total inside int64: drop low bits of huge counts, but never turn a nonzero count into zero.
+    shift = max(0, int(c.max()).bit_length() - 36)
+    if shift:
+        c = np.where(c > 0, np.maximum(c >> shift, 1), 0)
+    base = np.ones_like(c) if floor_all else (c > 0).astype(np.int64)
+    spare = total - int(base.sum())
+    csum = int(c.sum())
+    scaled = c * spare
+    freq = base + scaled // csum
+    remainder = total - int(freq.sum())
+    if remainder:
+        order = np.argsort(-(scaled % csum), kind="stable")
+        freq[order[:remainder]] += 1
+    cap = total - total // _CAP_DIVISOR
+    top = int(np.argmax(freq))
+    if freq[top] > cap:
+        # The excess goes to the next most frequent code (lowest index among ties); it stays far below cap.
+        others = freq.copy()
+        others[top] = -1
+        second = int(np.argmax(others))
+        freq[second] += int(freq[top]) - cap
+        freq[top] = cap
+    return freq
+
+
+def encode_tokens(
+    codes: np.ndarray,
+    header: dict[str, Any],
+    *,
+    codebook_size: int,
+    codec: str = "packed",
+    table: np.ndarray | None = None,
+) -> bytes:
+    """The bytes of a token file for `codes` (S, *grid), integers in [0, codebook_size).
+
+    header: the caller's metadata (must hold "fingerprint" and "modality"); the format fields (codec,
+    codebook_size, stages, grid and codec fields) are added from the arguments. codec: "packed" or
+    "entropy". table: (S, K) model code counts for "entropy" (the file then records "table": "model" and
+    must be read with the same table); None with "entropy" stores per-file counts in the payload.
+    """
+    codes = np.asarray(codes)
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    if not 2 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook size must be in [2, 2^24], got {codebook_size}")
+    if codes.ndim < 2 or codes.ndim > MAX_GRID_DIMS + 1 or codes.dtype.kind not in "iu":
+        raise ValueError(f"codes must be an integer array (S, *grid) with 1-3 grid dims, got {codes.dtype} {codes.shape}")
+    if not 1 <= codes.shape[0] <= MAX_STAGES:
+        raise ValueError(f"stages must be in [1, {MAX_STAGES}], got {codes.shape[0]}")
+    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"codes must be in [0, {codebook_size}), got [{codes.min()}, {codes.max()}]")
+    for key in ("fingerprint", "modality"):
+        if not isinstance(header.get(key), str):
+            raise ValueError(f"header needs a string {key!r}")
+    grid = list(codes.shape[1:])
+    if "grid" in header and list(header["grid"]) != grid:
+        raise ValueError(f"header grid {header['grid']} does not match codes of shape {codes.shape}")
+    if table is not None and codec != "entropy":
+        raise ValueError("a frequency table applies only to the entropy codec")
+
+    stages = codes.shape[0]
+    flat = codes.reshape(stages, -1).astype(np.int64)
+    fields: dict[str, Any] = {"codec": codec, "codebook_size": codebook_size, "stages": stages, "grid": grid}
+    if codec == "packed":
+        payload = _pack(flat.reshape(-1), bits_per_code(codebook_size))
+    else:
+        precision = entropy_precision(codebook_size)
+        fields["precision"] = precision
+        if table is not None:
+            table = np.asarray(table)
+            if table.shape != (stages, codebook_size):
+                raise ValueError(f"frequency table has shape {table.shape}, codes need ({stages}, {codebook_size})")
+            freqs = normalize_table(table, precision)
+            fields["table"] = "model"
+            fields["table_crc"] = _table_crc(freqs)
+            payload = _rans_encode(flat, [(None, row) for row in freqs], precision)
+        else:
+            fields["table"] = "file"
+            sparse = [np.unique(row, return_counts=True) for row in flat]
+            tables = [_file_table(syms, counts, precision) for syms, counts in sparse]
+            payload = _encode_counts(sparse) + _rans_encode(flat, tables, precision)
+    full = {**header, **fields}
+    head = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
+    if len(head) > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {len(head)} bytes; the limit is {MAX_HEADER_BYTES}")
+    if len(payload) >= 1 << 32:
+        raise ValueError(f"payload of {len(payload)} bytes is too large for one token file")
+    body = b"".join([MAGIC, bytes(VERSION), struct.pack("<I", len(head)), head, struct.pack("<I", len(payload)), payload])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def write_tokens(
+    path: str | os.PathLike,
+    codes: np.ndarray,
+    header: dict[str, Any],
+    *,
+    codebook_size: int,
+    codec: str = "packed",
+    table: np.ndarray | None = None,
+) -> int:
+    """Write `codes` (S, *grid) to a token file atomically; returns the bytes written.
+
+    See `encode_tokens` for the arguments.
+    """
+    data = encode_tokens(codes, header, codebook_size=codebook_size, codec=codec, table=table)
+    write_bytes_atomic(path, data)
+    return len(data)
+
+
+def read_tokens(path: str | os.PathLike, *, table: np.ndarray | None = None) -> Tokens:
+    """Read a token file. table: the model's (S, K) code counts, needed for files that record
+    "table": "model". Raises TokenFileError (naming the file) for anything unreadable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TokenFileError(f"{path}: cannot read token file: {e.strerror or e}") from None
+    tokens = decode_tokens(data, table=table, source=str(path))
+    tokens.path = path
+    return tokens
+
+
+def decode_tokens(data: bytes, *, table: np.ndarray | None = None, source: str = "<bytes>") -> Tokens:
+    """Decode the bytes of a token file; `source` names it in error messages. See `read_tokens`."""
+
+    def fail(problem: str) -> TokenFileError:
+        return TokenFileError(f"{source}: {problem}")
+
+    size = len(data)
+    if size < 4 or data[:4] != MAGIC:
+        raise fail("not a vqtok token file (bad magic)")
+    if size < 10:
+        raise fail(f"truncated: {size} bytes, shorter than the fixed header")
+    major, minor = data[4], data[5]
+    if major > VERSION[0]:
+        raise fail(f"format version {major}.{minor} is newer than this vqtok reads ({VERSION[0]}.x); upgrade vqtok")
+    if major < 1:
+        raise fail(f"unknown format version {major}.{minor}")
+    (head_len,) = struct.unpack_from("<I", data, 6)
+    if head_len > MAX_HEADER_BYTES:
+        raise fail(f"header length {head_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if size < 10 + head_len + 4:
+        raise fail(f"truncated: {size} bytes, the header alone needs {10 + head_len + 4}")
+    (payload_len,) = struct.unpack_from("<I", data, 10 + head_len)
+    expected = FIXED_OVERHEAD_BYTES + head_len + payload_len
+    if size < expected:
+        raise fail(f"truncated: {size} bytes, expected {expected}")
+    if size > expected:
+        raise fail(f"{size - expected} unexpected bytes after the checksum")
+    (crc,) = struct.unpack_from("<I", data, expected - 4)
+    if zlib.crc32(memoryview(data)[: expected - 4]) != crc:
+        raise fail("checksum mismatch (the file is corrupt)")
+
+    try:
+        header = json.loads(bytes(data[10 : 10 + head_len]))
+    except (ValueError, RecursionError):
+        raise fail("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise fail("header is not a JSON object")
+    codec, k, stages, grid = _check_header(header, fail)
+    payload = memoryview(data)[14 + head_len : 14 + head_len + payload_len]
+    n_per_stage = 1
+    for dim in grid:
+        n_per_stage *= dim
+    if codec == "packed":
+        flat = _unpack_checked(payload, stages * n_per_stage, bits_per_code(k), fail)
+    else:
+        flat = _entropy_decode(payload, header, stages, n_per_stage, k, table, fail)
+    codes = flat.reshape(stages, *grid)
+    if codes.size and int(codes.max()) >= k:
+        stage, pos = np.argwhere(codes.reshape(stages, -1) >= k)[0]
+        raise fail(f"code {codes.reshape(stages, -1)[stage, pos]} at stage {stage} is >= the codebook size {k}")
+    return Tokens(codes=codes, header=header)
+
+
+def _check_header(header: dict[str, Any], fail) -> tuple[str, int, int, list[int]]:
+    """Validate the format fields; returns (codec, codebook size, stages, grid)."""
+    for key in (*FORMAT_KEYS, "fingerprint", "modality"):
+        if key not in header:
+            raise fail(f"header has no {key!r} field")
+    codec = header["codec"]
+    if codec not in CODECS:
+        raise fail(f"unknown codec {codec!r}")
+    k = header["codebook_size"]
+    if not _is_int(k) or not 2 <= k <= MAX_CODEBOOK_SIZE:
+        raise fail(f"codebook size {k!r} is not an integer in [2, 2^24]")
+    stages = header["stages"]
+    if not _is_int(stages) or not 1 <= stages <= MAX_STAGES:
+        raise fail(f"stages {stages!r} is not an integer in [1, {MAX_STAGES}]")
+    grid = header["grid"]
+    if (not isinstance(grid, list) or not 1 <= len(grid) <= MAX_GRID_DIMS
+            or not all(_is_int(d) and d >= 0 for d in grid)):
+        raise fail(f"grid {grid!r} is not a list of 1-{MAX_GRID_DIMS} non-negative integers")
+    if not isinstance(header["fingerprint"], str) or not isinstance(header["modality"], str):
+        raise fail("fingerprint and modality must be strings")
+    return codec, k, stages, grid
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------- packed
+
+
+def _pack(codes: np.ndarray, bits: int) -> bytes:
+    """Bit-pack int64 codes (n,) at `bits` bits each, LSB first: code i holds stream bits [i*bits, (i+1)*bits)."""
+    out = bytearray()
+    for start in range(0, len(codes), _PACK_CHUNK):  # a multiple of 8 codes: each chunk ends on a byte
+        chunk = codes[start : start + _PACK_CHUNK].astype("<u4")
+        bitmat = np.unpackbits(chunk.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        out += np.packbits(bitmat[:, :bits].reshape(-1), bitorder="little").tobytes()
+    return bytes(out)
+
+
+def _unpack_checked(payload: memoryview, n: int, bits: int, fail) -> np.ndarray:
+    """Inverse of `_pack` for n codes; the payload must be exactly ceil(n*bits/8) bytes with zero padding."""
+    need = (n * bits + 7) // 8
+    if len(payload) != need:
+        raise fail(f"header claims {n} codes ({need} bytes packed) but the payload has {len(payload)} bytes")
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    tail = (n * bits) % 8
+    if tail and raw[-1] >> tail:
+        raise fail("nonzero padding bits after the last code")
+    out = np.empty(n, dtype=np.int64)
+    chunk_bytes = _PACK_CHUNK * bits // 8
+    for i, start in enumerate(range(0, n, _PACK_CHUNK)):
+        count = min(_PACK_CHUNK, n - start)
+        bitstream = np.unpackbits(raw[i * chunk_bytes : i * chunk_bytes + (count * bits + 7) // 8], bitorder="little")
+        bitmat = np.zeros((count, 32), dtype=np.uint8)
+        bitmat[:, :bits] = bitstream[: count * bits].reshape(count, bits)
+        out[start : start + count] = np.packbits(bitmat, axis=1, bitorder="little").view("<u4").reshape(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entropy
+
+
+def _table_crc(freqs: np.ndarray) -> int:
+    """CRC32 of a normalised (S, K) table, recorded so a file is never decoded with another model's table."""
+    return zlib.crc32(np.ascontiguousarray(freqs, dtype="<u4").tobytes())
+
+
+def _max_symbols(coded_bytes: int) -> int:
+    """The most codes a rANS stream of `coded_bytes` bytes can hold, so a reader can refuse a larger claim.
+
+    Each code grows log2(x) by >= log2(32/31) - log2(256/255) (the frequency cap, less the rounding of
+    x // f with x / f >= 2^8), each 32-bit output word loses <= log2(256/255) beyond its 32 bits, and the
+    coder starts at log2(x) = 32: 0.0345 * n <= 8 * coded_bytes - 32, so n < 29 * 8 * coded_bytes.
+    """
+    return 29 * 8 * coded_bytes
+
+
+def _file_table(syms: np.ndarray, counts: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coding table of one stage from its sparse counts: (codes (m,), frequencies (m,)), m >= 2.
+
+    A stage with one distinct code gets the lowest other code beside it (frequency 0 before the cap), the
+    code that `normalize_table` would hand the cap's excess in a dense table.
+    """
+    if len(syms) == 1:
+        other = 1 if syms[0] == 0 else 0
+        syms = np.array(sorted([int(syms[0]), other]), dtype=np.int64)
+        counts = np.where(syms == other, 0, counts[0])
+    if len(syms) == 0:
+        return np.zeros(1, dtype=np.int64), np.full(1, 1 << precision, dtype=np.int64)
+    return syms.astype(np.int64), _normalize_row(counts.astype(np.int64), 1 << precision, floor_all=False)
+
+
+def _rans_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int) -> bytes:
+    """rANS-code int64 codes (S, n); stage s uses tables[s] = (codes or None for 0..K-1, frequencies), whose
+    frequencies sum to 2^precision.
+
+    Returns the final 64-bit state followed by the 32-bit words in the order the decoder reads them.
+    """
+    words: list[int] = []
+    x = _RANS_L
+    renorm_shift = 64 - precision
+    for stage in range(flat.shape[0] - 1, -1, -1):
+        syms, freqs = tables[stage]
+        row = flat[stage] if syms is None else np.searchsorted(syms, flat[stage])
+        freq = freqs.tolist()
+        cum = np.concatenate([[0], np.cumsum(freqs)]).tolist()
+        for j in reversed(row.tolist()):
+            f = freq[j]
+            if x >= f << renorm_shift:
+                words.append(x & _WORD_MASK)
+                x >>= 32
+            q, r = divmod(x, f)
+            x = (q << precision) + r + cum[j]
+    words.reverse()
+    return struct.pack("<Q", x) + np.asarray(words, dtype="<u4").tobytes()
+
+
+def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n: int, k: int,
+                    table: np.ndarray | None, fail) -> np.ndarray:
+    """Decode an entropy payload into int64 codes (stages * n,), checking tables, sizes and the final state."""
+    precision = header.get("precision")
+    if not _is_int(precision) or not _MIN_PRECISION <= precision <= _MAX_PRECISION or k > 1 << precision:
+        raise fail(f"entropy precision {precision!r} is not an integer in [{_MIN_PRECISION}, {_MAX_PRECISION}] fitting K={k}")
+    kind = header.get("table")
+    if kind == "model":
+        if table is None:
+            raise fail("entropy-coded with the model's frequency table; pass the model's table to read it")
+        table = np.asarray(table)
+        if table.shape != (stages, k) or table.dtype.kind not in "iu":
+            raise fail(f"the frequency table given has shape {table.shape} ({table.dtype}); the file needs integers ({stages}, {k})")
+        try:
+            freqs = normalize_table(table, precision)
+        except ValueError as e:
+            raise fail(f"bad frequency table: {e}") from None
+        if _table_crc(freqs) != header.get("table_crc"):
+            raise fail("written with a different frequency table (another model?)")
+        sparse, offset = None, 0
+    elif kind == "file":
+        sparse, offset = _decode_counts(payload, stages, k, n, fail)
+    else:
+        raise fail(f"unknown entropy table {kind!r}")
+    coded = payload[offset:]
+    if len(coded) < 8 or len(coded) % 4:
+        raise fail(f"entropy stream of {len(coded)} bytes is not a 64-bit state plus 32-bit words")
+    if stages * n > _max_symbols(len(coded)):
+        raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
+    if sparse is None:
+        tables = [(None, row) for row in freqs]
+    else:
+        tables = [_file_table(syms, counts, precision) for syms, counts in sparse]
+    out = _rans_decode(coded, tables, precision, stages, n, fail)
+    if sparse is not None:
+        for stage, (syms, counts) in enumerate(sparse):
+            found, found_counts = np.unique(out[stage * n : (stage + 1) * n], return_counts=True)
+            if not (np.array_equal(found, syms) and np.array_equal(found_counts, counts)):
+                raise fail(f"decoded codes of stage {stage} do not match the stored counts")
+    return out
+
+
+def _rans_decode(coded: memoryview, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int,
+                 stages: int, n: int, fail) -> np.ndarray:
+    """Inverse of `_rans_encode`: int64 codes (stages * n,). Refuses a stream that is not used up exactly."""
+    (x,) = struct.unpack_from("<Q", coded, 0)
+    if x < _RANS_L:
+        raise fail("corrupt entropy stream (bad initial state)")
+    words = np.frombuffer(coded[8:], dtype="<u4").tolist()
+    pos, n_words = 0, len(words)
+    mask = (1 << precision) - 1
+    out = np.empty(stages * n, dtype=np.int64)
+    for stage in range(stages):
+        syms, freqs = tables[stage]
+        freq = freqs.tolist()
+        cum = np.concatenate([[0], np.cumsum(freqs)]).tolist()
+        decoded = []
+        append = decoded.append
+        for _ in range(n):
+            slot = x & mask
+            # Codes of frequency 0 have an empty slot range; bisect_right lands past them.
+            j = bisect_right(cum, slot) - 1
+            append(j)
+            x = freq[j] * (x >> precision) + slot - cum[j]
+            if x < _RANS_L:
+                if pos == n_words:
+                    raise fail("corrupt entropy stream (ran out of data)")
+                x = (x << 32) | words[pos]
+                pos += 1
+        row = np.asarray(decoded, dtype=np.int64)
+        out[stage * n : (stage + 1) * n] = row if syms is None else syms[row]
+    if pos != n_words or x != _RANS_L:
+        raise fail("corrupt entropy stream (does not end where it should)")
+    return out
+
+
+def _encode_counts(sparse: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Per-file counts: per stage varint(#codes present), then varint(gap to the previous code), varint(count)
+    for each code present, in increasing code order."""
+    out = bytearray()
+    for syms, counts in sparse:
+        _put_varint(out, len(syms))
+        prev = -1
+        for sym, count in zip(syms.tolist(), counts.tolist()):
+            _put_varint(out, sym - prev - 1)
+            _put_varint(out, count)
+            prev = sym
+    return bytes(out)
+
+
+def _decode_counts(payload: memoryview, stages: int, k: int, n: int,
+                   fail) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Parse `_encode_counts` output: ([(codes (m,), counts (m,)) per stage], bytes used).
+
+    Each stage must count exactly n codes. Arrays are sized by what the payload holds, never by K.
+    """
+    sparse = []
+    pos = 0
+    for stage in range(stages):
+        nnz, pos = _get_varint(payload, pos, fail)
+        # Each listed code takes >= 2 bytes, so a count beyond the payload is a lie, whatever K says.
+        if nnz > k or 2 * nnz > len(payload) - pos:
+            raise fail(f"stored table of stage {stage} lists {nnz} codes")
+        syms, counts = [], []
+        sym = -1
+        for _ in range(nnz):
+            gap, pos = _get_varint(payload, pos, fail)
+            count, pos = _get_varint(payload, pos, fail)
+            sym += gap + 1
+            if sym >= k or count == 0:
+                raise fail(f"stored table of stage {stage} is corrupt")
+            syms.append(sym)
+            counts.append(count)
+        if sum(counts) != n:
+            raise fail(f"stored table of stage {stage} counts {sum(counts)} codes, the grid holds {n}")
+        sparse.append((np.array(syms, dtype=np.int64), np.array(counts, dtype=np.int64)))
+    return sparse, pos
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _get_varint(buf: memoryview, pos: int, fail) -> tuple[int, int]:
+    """Read an unsigned LEB128 integer of at most 8 bytes (< 2^56) at `pos`; returns (value, next pos)."""
+    value = 0
+    for i in range(8):
+        if pos >= len(buf):
+            raise fail("entropy table runs past the end of the payload")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value, pos
+    raise fail("entropy table holds an oversized number")
