@@ -76,6 +76,17 @@ def test_matches_reference(backend: str, n: int, k: int, d: int, chunk: int | No
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [1, 2047, 2048, 2049, 4097])
+def test_every_code_finds_itself(backend: str, k: int) -> None:
+    # Codebook sizes around the torch backend's 2048-code blocks: the first and last code of each block count.
+    codebook = randn(k, 8, seed=21)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(22))
+    idx, dist = nearest(codebook[perm], codebook, backend=backend)
+    assert torch.equal(idx, perm)
+    assert torch.all(dist == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_and_high_precision_inputs_are_searched_in_fp32(backend: str, dtype: torch.dtype) -> None:
     x, codebook = randn(400, 24, seed=3, dtype=dtype), randn(200, 24, seed=4, dtype=dtype)

@@ -1,0 +1,83 @@
+"""The forward pass shared by one stage and a residual stack: search, losses, estimator, upkeep calls."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import QuantizerConfig
+from ..search import nearest
+from .estimators import rotation_trick, straight_through, synchronized
+
+if TYPE_CHECKING:
+    from .codebook import VectorQuantizer
+
+
+class QuantizerOutput(NamedTuple):
+    """z_q (N, D): what the decoder sees, value = sum of the used stages' code vectors, with the estimator's
+    gradient; indices (N, S_used) int64; losses: named scalar terms, already weighted ("commitment", and
+    "codebook" unless the codebook is EMA-updated), to be added to the task loss."""
+
+    z_q: Tensor
+    indices: Tensor
+    losses: dict[str, Tensor]
+
+
+def run_stages(stages: list["VectorQuantizer"], z: Tensor, config: QuantizerConfig) -> tuple[QuantizerOutput, Tensor]:
+    """Quantize z (N, D) with `stages` in turn, each taking what the previous ones left over.
+
+    Returns the output and the relative error ||z - q||^2 / ||z||^2 (detached scalar). In training mode every
+    stage does its upkeep, applies its estimator (rotation or straight-through) and the synchronized term;
+    in eval mode z_q is the plain straight-through value (no rotation, no state change).
+
+    Losses: codebook = codebook_weight * sum over stages of mean ||sg(r_s) - q_s||^2 (r_s: stage s input);
+    commitment = beta * mean ||z - sg(q)||^2 on the sum q the decoder sees. With `alternate` the codebook
+    term was already minimised by the inner step and is reported detached.
+    """
+    training = stages[0].training
+    target = stages[0].prepare_input(z.float())
+    total_sq = (target.detach() ** 2).sum().clamp_min(1e-12)
+    residual = target.detach()
+    qs, indices, codebook_terms = [], [], []
+    for vq in stages:
+        if training:
+            vq.before_search(residual)
+        codes = vq.codes()
+        idx = nearest(residual, codes.detach())[0]
+        if training and config.alternate:
+            codebook_terms.append(vq.alternate_step(residual, idx))
+            codes = vq.codes().detach()
+        elif config.codebook_update == "loss":
+            codebook_terms.append(config.codebook_weight * F.mse_loss(codes[idx], residual))
+        q = codes[idx]
+        if training:
+            vq.after_search(residual, idx)
+        residual = residual - q.detach()
+        if training:
+            vq.last_error.copy_((residual**2).sum() / total_sq)
+        qs.append(q)
+        indices.append(idx)
+    q_sum = sum_codes(qs)
+    q_value = q_sum.detach()
+    losses = {"commitment": config.beta * F.mse_loss(target, q_value)}
+    if codebook_terms:
+        losses["codebook"] = torch.stack(codebook_terms).sum()
+    if training and config.estimator == "rotation":
+        z_q = rotation_trick(target, q_value)
+    else:
+        z_q = straight_through(target, q_value)
+    if training and not config.alternate:
+        z_q = synchronized(z_q, q_sum, config.sync_nu)
+    error = (residual**2).sum() / total_sq
+    return QuantizerOutput(z_q.to(z.dtype), torch.stack(indices, 1), losses), error
+
+
+def sum_codes(qs: list[Tensor]) -> Tensor:
+    """Sum of per-stage code vectors in stage order (the order decode uses, so values match bit for bit)."""
+    total = qs[0]
+    for q in qs[1:]:
+        total = total + q
+    return total

@@ -1,0 +1,83 @@
+"""Codebook upkeep helpers: k-means++ seeding with Lloyd refinement, seeded random draws, and the
+collective operations that keep every rank's codebook statistics identical under torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..search import nearest
+
+# k-means++ seeding runs over at most this many samples per code: enough to find the modes, cheap to seed.
+KMEANS_SAMPLES_PER_CODE = 64
+
+
+def distributed() -> bool:
+    """True inside an initialised torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum_(*tensors: Tensor) -> None:
+    """Sum each tensor over all ranks, in place (no-op in a single process)."""
+    if distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def broadcast_(*tensors: Tensor, src: int = 0) -> None:
+    """Overwrite each tensor with rank `src`'s copy, in place (no-op in a single process)."""
+    if distributed():
+        for t in tensors:
+            dist.broadcast(t, src)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator for one upkeep draw. Seeds come from a state buffer, so draws survive a resume and
+    are the same on every rank."""
+    return torch.Generator().manual_seed(seed % (2**63 - 1))
+
+
+def kmeans(x: Tensor, k: int, gen: torch.Generator, iters: int = 5) -> tuple[Tensor, Tensor]:
+    """k-means++ seeding (D^2 sampling) then `iters` Lloyd steps: x (N, D) -> (centroids (k, D), sizes (k,)).
+
+    Seeding uses a random subsample of at most KMEANS_SAMPLES_PER_CODE * k rows; Lloyd uses all of x.
+    The uniforms come from `gen` (CPU) and the sampling is inverse-CDF on x's device, so it is reproducible
+    on any device. Clusters that end up empty keep their seed. With fewer than k distinct rows, some
+    centroids repeat (dead-code restarts separate them later).
+    """
+    x = x.detach().float()
+    n = x.shape[0]
+    cap = KMEANS_SAMPLES_PER_CODE * k
+    pool = x[torch.randperm(n, generator=gen)[:cap].to(x.device)] if n > cap else x
+    centroids = kmeans_pp_seed(pool, k, torch.rand(k, generator=gen).to(x.device))
+    sizes = torch.zeros(k, device=x.device)
+    for _ in range(iters):
+        idx, _ = nearest(x, centroids)
+        sizes = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, idx, x)
+        centroids = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1.0)[:, None], centroids)
+    return centroids, sizes
+
+
+def kmeans_pp_seed(x: Tensor, k: int, uniforms: Tensor) -> Tensor:
+    """k-means++ seeds (Arthur & Vassilvitskii 2007): x (M, D), uniforms (k,) in [0, 1) -> (k, D).
+
+    The first seed is x[floor(u_0 M)]; seed i is drawn with probability proportional to the squared distance
+    to the nearest seed so far, by inverse CDF with u_i. One pass over x per seed, no M x k matrix.
+    """
+    m = x.shape[0]
+    seeds = x.new_empty(k, x.shape[1])
+    first = (uniforms[0] * m).long().clamp(max=m - 1)
+    seeds[0] = x[first]
+    d2 = ((x - seeds[0]) ** 2).sum(1)
+    for i in range(1, k):
+        cdf = torch.cumsum(d2, 0)
+        pick = torch.searchsorted(cdf, (uniforms[i] * cdf[-1]).reshape(1), right=True).clamp(max=m - 1)
+        seeds[i] = x[pick[0]]
+        d2 = torch.minimum(d2, ((x - seeds[i]) ** 2).sum(1))
+    return seeds
