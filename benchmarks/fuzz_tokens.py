@@ -3,7 +3,8 @@
 Valid seed files (both codecs, per-file and model tables, image and audio grids, 1-4 stages, K from 2 to
 2^20) are mutated (bit flips, byte inserts/deletes/overwrites, truncation, forged header fields), about
 half of them with the CRC recomputed so the checks behind the checksum are reached too; some inputs are
-random bytes. Every read is timed under a per-file alarm and traced with tracemalloc.
+random bytes. Every read runs under a per-file CPU-time alarm (so a loaded machine does not fail it) and is
+traced with tracemalloc, which slows reads several times; the times reported include that overhead.
 
     python benchmarks/fuzz_tokens.py [--count 100000] [--seed 0]
 
@@ -40,7 +41,7 @@ MUTATIONS = ("flip", "flips", "insert", "delete", "overwrite", "truncate", "head
 
 
 class _Hang(Exception):
-    """Raised by the alarm when one read runs past TIME_LIMIT_S."""
+    """Raised by the alarm when one read uses more than TIME_LIMIT_S of CPU time."""
 
 
 def _alarm(signum, frame):
@@ -113,8 +114,8 @@ def run(count: int, seed: int) -> dict:
     by_kind: Counter[str] = Counter()
     decoded_by_kind: Counter[str] = Counter()
     failures: list[str] = []
-    max_time, total_time, max_peak = 0.0, 0.0, 0
-    signal.signal(signal.SIGALRM, _alarm)
+    max_time, max_cpu, total_time, max_peak = 0.0, 0.0, 0.0, 0
+    signal.signal(signal.SIGPROF, _alarm)
     tracemalloc.start()
     try:
         for i in range(count):
@@ -123,8 +124,8 @@ def run(count: int, seed: int) -> dict:
             by_kind[kind] += 1
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
-            signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
-            start = time.perf_counter()
+            signal.setitimer(signal.ITIMER_PROF, TIME_LIMIT_S)
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 decode_tokens(mutated, table=table, source=f"fuzz{i}.vqt")
                 outcome = "decoded"
@@ -133,13 +134,14 @@ def run(count: int, seed: int) -> dict:
                 outcome = "TokenFileError"
             except _Hang:
                 outcome = "timeout"
-                failures.append(f"case {i} ({kind}): over {TIME_LIMIT_S} s")
+                failures.append(f"case {i} ({kind}): over {TIME_LIMIT_S} s of CPU time")
             except Exception:  # the point of the benchmark: anything else is a reader bug
                 outcome = "other exception"
                 failures.append(f"case {i} ({kind}): {traceback.format_exc(limit=3)}")
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.setitimer(signal.ITIMER_PROF, 0)
             elapsed = time.perf_counter() - start
+            max_cpu = max(max_cpu, time.process_time() - start_cpu)
             peak = tracemalloc.get_traced_memory()[1] - base
             outcomes[outcome] += 1
             max_time = max(max_time, elapsed)
@@ -157,9 +159,10 @@ def run(count: int, seed: int) -> dict:
         "mutations": dict(sorted(by_kind.items())),
         "decoded_by_mutation": dict(sorted(decoded_by_kind.items())),
         "max_time_per_file_ms": round(max_time * 1e3, 3),
+        "max_cpu_time_per_file_ms": round(max_cpu * 1e3, 3),
         "mean_time_per_file_ms": round(total_time / max(count, 1) * 1e3, 4),
         "max_peak_alloc_mb": round(max_peak / 2**20, 3),
-        "limits": {"time_per_file_s": TIME_LIMIT_S, "peak_alloc_mb": PEAK_LIMIT_BYTES / 2**20},
+        "limits": {"cpu_time_per_file_s": TIME_LIMIT_S, "peak_alloc_mb": PEAK_LIMIT_BYTES / 2**20},
         "passed": not failures and max_peak < PEAK_LIMIT_BYTES,
         "failures": failures[:20],
         "python": platform.python_version(),
@@ -183,7 +186,8 @@ def main() -> None:
         ("TokenFileError", result["outcomes"].get("TokenFileError", 0)),
         ("other exceptions", result["other_exceptions"]),
         ("timeouts", result["timeouts"]),
-        ("max time per file (ms)", result["max_time_per_file_ms"]),
+        ("max wall time per file (ms)", result["max_time_per_file_ms"]),
+        ("max CPU time per file (ms)", result["max_cpu_time_per_file_ms"]),
         ("mean time per file (ms)", result["mean_time_per_file_ms"]),
         ("max peak allocation (MB)", result["max_peak_alloc_mb"]),
         ("wall time (s)", result["wall_s"]),

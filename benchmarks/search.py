@@ -46,6 +46,11 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def timing(backend: str, n: int, k: int, d: int, sec: float) -> dict:
+    """One result row: shape, milliseconds per call and GFLOP/s at 2*N*K*D operations per search."""
+    return {"backend": backend, "N": n, "K": k, "D": d, "ms": sec * 1e3, "gflops": 2 * n * k * d / sec / 1e9}
+
+
 def backends(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
     """Name -> search function for every backend that runs on `device`."""
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {"naive": naive}
@@ -75,7 +80,7 @@ def run_table(n: int, ks: list[int], d: int, extra_d: int | None, repeats: int, 
                 sync(device)
 
             sec = best_seconds(call, repeats)
-            rows.append({"backend": name, "N": n, "K": k, "D": dim, "ms": sec * 1e3, "gflops": 2 * n * k * dim / sec / 1e9})
+            rows.append(timing(name, n, k, dim, sec))
             print(f"  N={n} K={k} D={dim} {name:6s} {sec * 1e3:9.2f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -91,7 +96,7 @@ def run_crossover(ns: list[int], ks: list[int], d: int, repeats: int) -> list[di
             x = x_all[:n]
             for name in ("torch", "faiss"):
                 sec = best_seconds(lambda x=x, name=name: nearest(x, codebook, backend=name), repeats)
-                rows.append({"backend": name, "N": n, "K": k, "D": d, "ms": sec * 1e3, "gflops": 2 * n * k * d / sec / 1e9})
+                rows.append(timing(name, n, k, d, sec))
     return rows
 
 
@@ -116,17 +121,21 @@ def main() -> None:
     parser.add_argument("--extra-d", type=int, default=256, help="one more row at this D and the largest K (0: none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell; the best is reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch (and so faiss) CPU threads; default: torch's choice")
     parser.add_argument("--crossover", action="store_true", help="sweep N for torch vs faiss instead (CPU)")
     parser.add_argument("--crossover-n", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 16384])
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.crossover:
         rows = run_crossover(args.crossover_n, args.k, args.d, args.repeats)
     else:
         rows = run_table(args.n, args.k, args.d, args.extra_d or None, args.repeats, device)
-    by = f"best of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    by = f"best of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}"
     print_table(rows, by)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -20,6 +20,12 @@ from torch import nn
 
 from .config import ModelConfig
 
+# Typical recordings sit around RMS 0.05 of full scale, where ELUs are almost linear and a short training run
+# learns next to nothing (measured on FSDD: -40 dB SI-SNR after 200 steps at gain 1, -4 dB at gain 10). The
+# encoder scales its input by this gain and the decoder divides by it, so the nets work at unit scale while
+# callers keep the [-1, 1] waveform scale.
+INPUT_GAIN = 10.0
+
 
 def stage_widths(config: ModelConfig) -> list[int]:
     """Channel widths from the input convolution to the code resolution: len(audio_strides) + 1 values.
@@ -75,7 +81,7 @@ class AudioEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x * INPUT_GAIN)
 
 
 class AudioDecoder(nn.Module):
@@ -92,7 +98,7 @@ class AudioDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self.net(z) / INPUT_GAIN
 
 
 def _convs(module: nn.Module) -> list[nn.Conv1d | nn.ConvTranspose1d]:

@@ -3,7 +3,7 @@
 One entry point, `nearest`, with three backends:
 
 - "torch": blocked `addmm` + `min` on the CPU (or any device). x is taken `chunk` rows at a time and the
-  codebook `_K_BLOCK` codes at a time, so the N x K score matrix never exists whole; each block stays small
+  codebook 2048 codes at a time, so the N x K score matrix never exists whole; each block stays small
   enough to live in the L2 cache, which is what keeps the `min` pass from being memory bound.
 - "faiss": `faiss.IndexFlatL2` over the codebook, searched with k=1 (CPU). The index is built on every call:
   codebooks change every training step, and building one only copies the codebook (0.01 ms at K=512,
@@ -27,16 +27,17 @@ import torch
 BACKENDS = ("auto", "torch", "faiss", "cuda")
 
 # On CPU, "auto" sends a search with at least this many rows of x to faiss and a smaller one to the blocked
-# torch search. The crossover is set by N, not by N*K*D: below ~2048 rows faiss's search is 1.5-2.5x slower
-# than torch whatever K is, from 2048 rows up it is level or 5-15% faster. Measured with
-# `benchmarks/search.py --crossover` on a 2-core AVX-512 Xeon, D=64, K=64/512/4096, best of 15: N=1024,
-# K=4096: torch 3.9 ms, faiss 10.9 ms; N=2048: 7.8 vs 7.2 ms; N=65536: 233 vs 210 ms.
+# torch search. The crossover is set by N rather than by N*K*D: below 2048 rows faiss is level with torch at
+# K=64 but 2-3x slower at K=512 and K=4096; from 2048 rows up it is level or 5-15% faster. Measured on a
+# 2-core AVX-512 Xeon, D=64, best of 15 (`benchmarks/search.py --crossover --repeats 15`), torch vs faiss:
+# N=1024, K=4096: 3.9 vs 10.9 ms; N=2048, K=4096: 7.8 vs 7.2 ms; N=2048, K=512: 1.15 vs 1.19 ms;
+# N=65536, K=4096: 233 vs 210 ms.
 FAISS_MIN_ROWS = 2048
 
-# Block shapes. CPU: 512 rows x 2048 codes of float32 is 4 MiB, the L2 cache of this machine; measured
-# at N=32768, D=64 this reached 150-160 GFLOP/s against ~60 for blocks of 32 MiB and ~55 for the whole
-# N x K matrix at once. GPU: blocks of 8192 x 8192 (256 MiB) are large enough to keep the device busy and
-# small enough to fit beside a training step.
+# Block shapes. CPU: 512 rows x 2048 codes of float32 is 4 MiB, the combined L2 cache of the 2-core Xeon it
+# was tuned on; at N=32768, D=64, K=512..16384 such blocks ran at 150-160 GFLOP/s against ~60 for 32 MiB
+# blocks, and the whole N x K matrix at once ran at ~55. GPU: 8192 x 8192 (256 MiB), not tuned on a device:
+# big enough that each matmul fills a large GPU, small enough to sit beside a training step.
 _CPU_ROWS = 512
 _CPU_K_BLOCK = 2048
 _CUDA_ROWS = 8192
@@ -52,10 +53,10 @@ def nearest(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Find the nearest codebook row of every row of x under squared Euclidean distance.
 
-    x: (N, D), codebook: (K, D), on the same device, any floating dtype (half and bfloat16 are computed in
-    float32). backend: "auto", "torch", "faiss" or "cuda" (see the module docstring); "auto" takes "cuda" for
-    GPU tensors, and on CPU "faiss" when N >= FAISS_MIN_ROWS, else "torch". "faiss" on GPU tensors
-    copies them to the CPU and the results back. chunk: rows of x per block for "torch"/"cuda" (default 512
+    x: (N, D), codebook: (K, D), on the same device, any floating dtypes; the search runs in float32.
+    backend: "auto", "torch", "faiss" or "cuda" (see the module docstring); "auto" takes "cuda" for GPU
+    tensors, and on CPU "faiss" when N >= FAISS_MIN_ROWS, else "torch". "faiss" on GPU tensors copies them
+    to the CPU and the results back. chunk: rows of x per block for "torch"/"cuda" (default 512
     on CPU, 8192 on GPU); the codebook is scanned in blocks of 2048 (CPU) or 8192 (GPU) codes.
 
     Returns (indices (N,) int64, squared distances (N,) float32), on x's device, without gradient.

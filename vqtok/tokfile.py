@@ -23,10 +23,11 @@ import json
 import os
 import struct
 import zlib
+from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,6 +44,9 @@ MAX_CODEBOOK_SIZE = 1 << 24
 MAX_STAGES = 256
 MAX_GRID_DIMS = 3
 FORMAT_KEYS = ("codec", "codebook_size", "stages", "grid")
+# Fields only some codecs write: dropped from a caller's header (say, one read from another file) so a
+# packed file never carries a stale table checksum.
+CODEC_KEYS = ("precision", "table", "table_crc")
 
 # rANS parameters. The state x lives in [2^32, 2^64) and leaves the coder 32 bits at a time; frequencies
 # sum to 2^precision with precision in [12, 24], so x / f >= 2^8 at every step (see _max_symbols).
@@ -53,6 +57,10 @@ _MAX_PRECISION = 24
 # A symbol may take at most 31/32 of a table: every symbol then costs >= log2(32/31) = 0.046 bits, which
 # bounds how many codes a payload of a given size can hold (see _max_symbols).
 _CAP_DIVISOR = 32
+# payload_len is a u32.
+_MAX_PAYLOAD_BYTES = (1 << 32) - 1
+# Tables up to this many codes are coded from Python lists, larger ones from int64 arrays (see _freq_cum).
+_LIST_TABLE_MAX = 4096
 # Codes per chunk in bit (un)packing: bounds the (chunk, 32) bit matrix to 8 MiB.
 _PACK_CHUNK = 1 << 18
 
@@ -91,7 +99,7 @@ def normalize_table(counts: np.ndarray, precision: int, *, floor_all: bool = Tru
     (model tables, so any code can be coded); otherwise only codes with a nonzero count do (per-file tables).
     Frequencies are proportional to counts (largest remainders, ties to the lower code) and no code takes
     more than 31/32 of the total. Integer arithmetic only: identical on every platform.
-    Returns int64 (S, K).
+    Returns int32 (S, K) (frequencies are <= 2^24).
     """
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] < 2 or counts.dtype.kind not in "iu":
@@ -103,7 +111,10 @@ def normalize_table(counts: np.ndarray, precision: int, *, floor_all: bool = Tru
     total = 1 << precision
     if counts.shape[1] > total:
         raise ValueError(f"{counts.shape[1]} codes do not fit a table of total 2^{precision}")
-    return np.stack([_normalize_row(row.astype(np.int64), total, floor_all) for row in counts])
+    out = np.empty(counts.shape, dtype=np.int32)
+    for stage, row in enumerate(counts):
+        out[stage] = _normalize_row(row.astype(np.int64, copy=False), total, floor_all)
+    return out
 
 
 def _normalize_row(c: np.ndarray, total: int, floor_all: bool) -> np.ndarray:
@@ -114,24 +125,31 @@ def _normalize_row(c: np.ndarray, total: int, floor_all: bool) -> np.ndarray:
     shift = max(0, int(c.max()).bit_length() - 36)
     if shift:
         c = np.where(c > 0, np.maximum(c >> shift, 1), 0)
-    base = np.ones_like(c) if floor_all else (c > 0).astype(np.int64)
-    spare = total - int(base.sum())
+    nonzero = c > 0
+    spare = total - (len(c) if floor_all else int(np.count_nonzero(nonzero)))
     csum = int(c.sum())
     scaled = c * spare
-    freq = base + scaled // csum
+    freq = scaled // csum
+    freq += 1 if floor_all else nonzero
     remainder = total - int(freq.sum())
     if remainder:
-        order = np.argsort(-(scaled % csum), kind="stable")
-        freq[order[:remainder]] += 1
+        # Largest remainders first, ties to the lower code: everything above the remainder-th largest
+        # fraction, then the lowest codes holding exactly that fraction.
+        frac = np.remainder(scaled, csum, out=scaled)
+        threshold = np.partition(frac, len(frac) - remainder)[len(frac) - remainder]
+        above = frac > threshold
+        freq += above
+        ties = np.flatnonzero(frac == threshold)[: remainder - int(np.count_nonzero(above))]
+        freq[ties] += 1
     cap = total - total // _CAP_DIVISOR
     top = int(np.argmax(freq))
-    if freq[top] > cap:
+    excess = int(freq[top]) - cap
+    if excess > 0:
         # The excess goes to the next most frequent code (lowest index among ties); it stays far below cap.
-        others = freq.copy()
-        others[top] = -1
-        second = int(np.argmax(others))
-        freq[second] += int(freq[top]) - cap
+        freq[top] = -1
+        second = int(np.argmax(freq))
         freq[top] = cap
+        freq[second] += excess
     return freq
 
 
@@ -191,11 +209,11 @@ def encode_tokens(
             sparse = [np.unique(row, return_counts=True) for row in flat]
             tables = [_file_table(syms, counts, precision) for syms, counts in sparse]
             payload = _encode_counts(sparse) + _rans_encode(flat, tables, precision)
-    full = {**header, **fields}
+    full = {**{key: value for key, value in header.items() if key not in CODEC_KEYS}, **fields}
     head = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(head)} bytes; the limit is {MAX_HEADER_BYTES}")
-    if len(payload) >= 1 << 32:
+    if len(payload) > _MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {len(payload)} bytes is too large for one token file")
     body = b"".join([MAGIC, bytes(VERSION), struct.pack("<I", len(head)), head, struct.pack("<I", len(payload)), payload])
     return body + struct.pack("<I", zlib.crc32(body))
@@ -224,7 +242,14 @@ def read_tokens(path: str | os.PathLike, *, table: np.ndarray | None = None) -> 
     "table": "model". Raises TokenFileError (naming the file) for anything unreadable."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            # Look before reading it all: a large file of another kind is refused after 4 bytes.
+            if f.read(4) != MAGIC:
+                raise TokenFileError(f"{path}: not a vqtok token file (bad magic)")
+            size = os.fstat(f.fileno()).st_size
+            if size > FIXED_OVERHEAD_BYTES + MAX_HEADER_BYTES + _MAX_PAYLOAD_BYTES:
+                raise TokenFileError(f"{path}: {size} bytes is larger than any token file can be")
+            data = MAGIC + f.read()
     except OSError as e:
         raise TokenFileError(f"{path}: cannot read token file: {e.strerror or e}") from None
     tokens = decode_tokens(data, table=table, source=str(path))
@@ -350,7 +375,7 @@ def _unpack_checked(payload: memoryview, n: int, bits: int, fail) -> np.ndarray:
 
 def _table_crc(freqs: np.ndarray) -> int:
     """CRC32 of a normalised (S, K) table, recorded so a file is never decoded with another model's table."""
-    return zlib.crc32(np.ascontiguousarray(freqs, dtype="<u4").tobytes())
+    return zlib.crc32(np.ascontiguousarray(freqs, dtype="<i4"))
 
 
 def _max_symbols(coded_bytes: int) -> int:
@@ -378,6 +403,20 @@ def _file_table(syms: np.ndarray, counts: np.ndarray, precision: int) -> tuple[n
     return syms.astype(np.int64), _normalize_row(counts.astype(np.int64), 1 << precision, floor_all=False)
 
 
+def _freq_cum(freqs: np.ndarray) -> tuple[Sequence[int], Sequence[int]]:
+    """(frequencies (m,), cumulative frequencies (m+1,)) for the coding loops: Python lists, the quickest
+    to index, up to 4096 entries; above that flat int64 arrays, ~30% slower to index but built by a copy
+    instead of one object per entry, and 8 bytes an entry instead of ~36 (a K = 2^20 table takes 16 MB)."""
+    cum = np.zeros(len(freqs) + 1, dtype=np.int64)
+    np.cumsum(freqs, out=cum[1:])
+    if len(freqs) <= _LIST_TABLE_MAX:
+        return freqs.tolist(), cum.tolist()
+    freq_arr, cum_arr = array("q"), array("q")
+    freq_arr.frombytes(np.ascontiguousarray(freqs, dtype=np.int64).view(np.uint8))
+    cum_arr.frombytes(cum.view(np.uint8))
+    return freq_arr, cum_arr
+
+
 def _rans_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int) -> bytes:
     """rANS-code int64 codes (S, n); stage s uses tables[s] = (codes or None for 0..K-1, frequencies), whose
     frequencies sum to 2^precision.
@@ -390,8 +429,7 @@ def _rans_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.ndar
     for stage in range(flat.shape[0] - 1, -1, -1):
         syms, freqs = tables[stage]
         row = flat[stage] if syms is None else np.searchsorted(syms, flat[stage])
-        freq = freqs.tolist()
-        cum = np.concatenate([[0], np.cumsum(freqs)]).tolist()
+        freq, cum = _freq_cum(freqs)
         for j in reversed(row.tolist()):
             f = freq[j]
             if x >= f << renorm_shift:
@@ -411,6 +449,17 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
         raise fail(f"entropy precision {precision!r} is not an integer in [{_MIN_PRECISION}, {_MAX_PRECISION}] fitting K={k}")
     kind = header.get("table")
     if kind == "model":
+        sparse, offset = None, 0
+    elif kind == "file":
+        sparse, offset = _decode_counts(payload, stages, k, n, fail)
+    else:
+        raise fail(f"unknown entropy table {kind!r}")
+    coded = payload[offset:]
+    if len(coded) < 8 or len(coded) % 4:
+        raise fail(f"entropy stream of {len(coded)} bytes is not a 64-bit state plus 32-bit words")
+    if stages * n > _max_symbols(len(coded)):
+        raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
+    if kind == "model":
         if table is None:
             raise fail("entropy-coded with the model's frequency table; pass the model's table to read it")
         table = np.asarray(table)
@@ -422,16 +471,6 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
             raise fail(f"bad frequency table: {e}") from None
         if _table_crc(freqs) != header.get("table_crc"):
             raise fail("written with a different frequency table (another model?)")
-        sparse, offset = None, 0
-    elif kind == "file":
-        sparse, offset = _decode_counts(payload, stages, k, n, fail)
-    else:
-        raise fail(f"unknown entropy table {kind!r}")
-    coded = payload[offset:]
-    if len(coded) < 8 or len(coded) % 4:
-        raise fail(f"entropy stream of {len(coded)} bytes is not a 64-bit state plus 32-bit words")
-    if stages * n > _max_symbols(len(coded)):
-        raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
     if sparse is None:
         tables = [(None, row) for row in freqs]
     else:
@@ -457,8 +496,7 @@ def _rans_decode(coded: memoryview, tables: list[tuple[np.ndarray | None, np.nda
     out = np.empty(stages * n, dtype=np.int64)
     for stage in range(stages):
         syms, freqs = tables[stage]
-        freq = freqs.tolist()
-        cum = np.concatenate([[0], np.cumsum(freqs)]).tolist()
+        freq, cum = _freq_cum(freqs)
         decoded = []
         append = decoded.append
         for _ in range(n):

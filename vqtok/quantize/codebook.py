@@ -69,7 +69,9 @@ class VectorQuantizer(nn.Module):
 
     def codes(self) -> Tensor:
         """The code vectors in use: (K, D) float32, differentiable w.r.t. codebook and affine parameters."""
-        return self._affine(self.codebook)
+        # An EMA codebook is rewritten in place after the search, while this step's graph may still hold it
+        # (the learned affine map saves its input): give the graph a copy.
+        return self._affine(self.codebook if isinstance(self.codebook, nn.Parameter) else self.codebook.clone())
 
     def _affine(self, c: Tensor) -> Tensor:
         cfg = self.config
@@ -142,9 +144,9 @@ class VectorQuantizer(nn.Module):
             upkeep.broadcast_(centroids, sizes)
             if cfg.affine == "stats":
                 # The stats map re-standardises whatever is stored; storing the centroids keeps their layout.
-                self.codebook.data.copy_(centroids)
+                self.codebook.copy_(centroids)
             else:
-                self.codebook.data.copy_(self._inverse_affine(centroids))
+                self.codebook.copy_(self._inverse_affine(centroids))
             if cfg.codebook_update == "ema":
                 self.ema_count.copy_(sizes.clamp_min(1.0))
                 self.ema_sum.copy_(self.codes() * self.ema_count[:, None])
@@ -176,7 +178,7 @@ class VectorQuantizer(nn.Module):
         new = x[pick] + noise * (_RESTART_NOISE * x.std(0, unbiased=False))
         upkeep.broadcast_(new)
         new = self.prepare_input(new)
-        self.codebook.data[dead] = self._inverse_affine(new, dead)
+        self.codebook[dead] = self._inverse_affine(new, dead)
         if self.config.codebook_update == "ema":
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = new
@@ -223,8 +225,7 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.mul_(cfg.ema_decay).add_((1 - cfg.ema_decay) * sums)
             total = self.ema_count.sum()
             smoothed = (self.ema_count + _LAPLACE) / (total + k * _LAPLACE) * total
-            # A new tensor, not an in-place write: this step's graph may still hold the old codebook.
-            self.codebook = self._inverse_affine(self.ema_sum / smoothed[:, None])
+            self.codebook.copy_(self._inverse_affine(self.ema_sum / smoothed[:, None]))
         else:
             upkeep.all_reduce_sum_(hist)
         self.counts += hist

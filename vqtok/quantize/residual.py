@@ -19,8 +19,8 @@ class ResidualVQ(nn.Module):
     """A stack of `config.stages` `VectorQuantizer`s, each with its own codebook (and affine map).
 
     Training-mode `forward` does all codebook upkeep. With stage_dropout p, a training call that does not
-    name `stages` uses, with probability p, a uniformly drawn prefix of 1..S stages (draws are seeded from a
-    buffer, so they repeat on resume and agree across ranks).
+    name `stages` uses, with probability p, a shorter prefix of 1..S-1 stages drawn uniformly (draws are
+    seeded from a buffer, so they repeat on resume and agree across ranks).
     """
 
     def __init__(self, config: QuantizerConfig):
@@ -35,11 +35,11 @@ class ResidualVQ(nn.Module):
 
     def _used(self, stages: int | None) -> int:
         total = len(self.quantizers)
-        if stages is not None or not self.training or self.config.stage_dropout == 0.0:
+        if stages is not None or not self.training or self.config.stage_dropout == 0.0 or total == 1:
             return self._checked(stages)
         gen = upkeep.generator(int(self.rng[0]) * 1_000_003 + int(self.rng[1]))
         self.rng[1] += 1
-        drop, prefix = torch.rand((), generator=gen), torch.randint(1, total + 1, (), generator=gen)
+        drop, prefix = torch.rand((), generator=gen), torch.randint(1, total, (), generator=gen)
         return int(prefix) if float(drop) < self.config.stage_dropout else total
 
     def forward(self, z: Tensor, stages: int | None = None) -> QuantizerOutput:

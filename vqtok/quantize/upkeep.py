@@ -9,8 +9,12 @@ from torch import Tensor
 
 from ..search import nearest
 
-# k-means++ seeding runs over at most this many samples per code: enough to find the modes, cheap to seed.
+# k-means++ seeding draws its seeds from a subsample of at most min(64 K, 16384) rows: seeding is K
+# sequential passes over that pool. Above KMEANS_PP_MAX_CODES codes the passes cost more than they gain
+# and seeds are drawn uniformly instead; Lloyd steps then use every row in both cases.
 KMEANS_SAMPLES_PER_CODE = 64
+KMEANS_MAX_POOL = 16384
+KMEANS_PP_MAX_CODES = 4096
 
 
 def distributed() -> bool:
@@ -45,16 +49,20 @@ def generator(seed: int) -> torch.Generator:
 def kmeans(x: Tensor, k: int, gen: torch.Generator, iters: int = 5) -> tuple[Tensor, Tensor]:
     """k-means++ seeding (D^2 sampling) then `iters` Lloyd steps: x (N, D) -> (centroids (k, D), sizes (k,)).
 
-    Seeding uses a random subsample of at most KMEANS_SAMPLES_PER_CODE * k rows; Lloyd uses all of x.
-    The uniforms come from `gen` (CPU) and the sampling is inverse-CDF on x's device, so it is reproducible
-    on any device. Clusters that end up empty keep their seed. With fewer than k distinct rows, some
-    centroids repeat (dead-code restarts separate them later).
+    Seeding uses a random subsample of x (see KMEANS_MAX_POOL); Lloyd uses all of x. The uniforms come from
+    `gen` (CPU) and the sampling is inverse-CDF on x's device, so it is reproducible on any device. Clusters
+    that end up empty keep their seed. With fewer than k distinct rows, some centroids repeat (dead-code
+    restarts separate them later). K = 1024, N = 10k, D = 64 takes about 0.5 s on one CPU thread.
     """
     x = x.detach().float()
     n = x.shape[0]
-    cap = KMEANS_SAMPLES_PER_CODE * k
+    cap = min(KMEANS_SAMPLES_PER_CODE * k, KMEANS_MAX_POOL)
     pool = x[torch.randperm(n, generator=gen)[:cap].to(x.device)] if n > cap else x
-    centroids = kmeans_pp_seed(pool, k, torch.rand(k, generator=gen).to(x.device))
+    uniforms = torch.rand(k, generator=gen).to(x.device)
+    if k <= KMEANS_PP_MAX_CODES:
+        centroids = kmeans_pp_seed(pool, k, uniforms)
+    else:
+        centroids = pool[(uniforms * pool.shape[0]).long().clamp(max=pool.shape[0] - 1)]
     sizes = torch.zeros(k, device=x.device)
     for _ in range(iters):
         idx, _ = nearest(x, centroids)
@@ -71,13 +79,16 @@ def kmeans_pp_seed(x: Tensor, k: int, uniforms: Tensor) -> Tensor:
     to the nearest seed so far, by inverse CDF with u_i. One pass over x per seed, no M x k matrix.
     """
     m = x.shape[0]
+    x_sq = (x * x).sum(1)
     seeds = x.new_empty(k, x.shape[1])
-    first = (uniforms[0] * m).long().clamp(max=m - 1)
-    seeds[0] = x[first]
-    d2 = ((x - seeds[0]) ** 2).sum(1)
-    for i in range(1, k):
-        cdf = torch.cumsum(d2, 0)
-        pick = torch.searchsorted(cdf, (uniforms[i] * cdf[-1]).reshape(1), right=True).clamp(max=m - 1)
-        seeds[i] = x[pick[0]]
-        d2 = torch.minimum(d2, ((x - seeds[i]) ** 2).sum(1))
+    pick = (uniforms[0] * m).long().clamp(max=m - 1).reshape(1)
+    d2 = torch.full_like(x_sq, float("inf"))
+    for i in range(k):
+        if i > 0:
+            cdf = torch.cumsum(d2, 0)
+            pick = torch.searchsorted(cdf, (uniforms[i] * cdf[-1]).reshape(1), right=True).clamp(max=m - 1)
+        seed = x[pick[0]]
+        seeds[i] = seed
+        # |x - s|^2 as one matrix-vector product: far cheaper than materialising x - s.
+        d2 = torch.minimum(d2, torch.addmv(x_sq + seed.dot(seed), x, seed, alpha=-2.0).clamp_min(0.0))
     return seeds
