@@ -28,7 +28,8 @@ BACKENDS = ("auto", "torch", "faiss", "cuda")
 
 # On CPU, "auto" sends a search with at least this many rows of x to faiss and a smaller one to the blocked
 # torch search. The crossover is set by N rather than by N*K*D: below 2048 rows faiss is level with torch at
-# K=64 but 2-3x slower at K=512 and K=4096; from 2048 rows up it is level or 5-15% faster. Measured on a
+# K=64 but 2-3x slower at K=512 and K=4096; from 2048 rows up it is within ~10% at K=64 and 5-40% faster
+# at K >= 512 (one thread or two). Measured on a
 # 2-core AVX-512 Xeon, D=64, best of 15 (`benchmarks/search.py --crossover --repeats 15`), torch vs faiss:
 # N=1024, K=4096: 3.9 vs 10.9 ms; N=2048, K=4096: 7.8 vs 7.2 ms; N=2048, K=512: 1.15 vs 1.19 ms;
 # N=65536, K=4096: 233 vs 210 ms.
