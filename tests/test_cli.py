@@ -174,3 +174,40 @@ def test_help_shows_defaults() -> None:
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "--codebook-size" in result.stdout and "default: 512" in result.stdout
+
+
+def test_encode_to_a_shard_for_training_on_tokens(model_path: Path, images: Path, tmp_path: Path) -> None:
+    from vqtok import TokenDataset
+
+    result = invoke("encode", model_path, images, "--out", tmp_path / "shard", "--shard", "--json")
+    assert result.exit_code == 0, result.output
+    dataset = TokenDataset(tmp_path / "shard")
+    assert len(dataset) == 60
+    codes = np.load(tmp_path / "shard" / "shard.codes.npy", mmap_mode="r")
+    assert codes.dtype == np.uint8 and codes.size == 60 * 49  # K=32 fits a byte
+    model = load(model_path)
+    first = dataset.meta(0)["source"]
+    x = data.load_image(images / first).float().div(255).unsqueeze(0)
+    assert torch.equal(dataset[0], model.encode(x)[0])
+    again = invoke("encode", model_path, images, "--out", tmp_path / "shard", "--shard")
+    assert again.exit_code == 1 and "--force" in again.stderr
+
+
+def test_entropy_codec_round_trips(model_path: Path, images: Path, tmp_path: Path) -> None:
+    assert invoke("encode", model_path, images, "--out", tmp_path / "p").exit_code == 0
+    assert invoke("encode", model_path, images, "--out", tmp_path / "e", "--codec", "entropy").exit_code == 0
+    for packed in sorted((tmp_path / "p").rglob("*.vqt"))[:5]:
+        entropy = tmp_path / "e" / packed.relative_to(tmp_path / "p")
+        assert entropy.read_bytes() != packed.read_bytes()
+        model_table = np.maximum(load(model_path).quantizer.code_counts().numpy(), 1)
+        assert np.array_equal(read_tokens(entropy, table=model_table).codes, read_tokens(packed).codes)
+    assert invoke("decode", model_path, tmp_path / "e", "--out", tmp_path / "r").exit_code == 0
+    assert len(list((tmp_path / "r").rglob("*.png"))) == 60
+
+
+def test_inspect_entropy_coded_tokens_needs_the_model(model_path: Path, images: Path, tmp_path: Path) -> None:
+    assert invoke("encode", model_path, images, "--out", tmp_path / "e", "--codec", "entropy").exit_code == 0
+    without = invoke("inspect", tmp_path / "e")
+    assert without.exit_code == 1 and "table" in without.stderr
+    with_model = invoke("inspect", tmp_path / "e", "--model", model_path, "--json")
+    assert with_model.exit_code == 0 and json.loads(with_model.stdout)["tokens"] == 60 * 49

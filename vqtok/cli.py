@@ -193,15 +193,16 @@ def encode(
     force: Annotated[bool, typer.Option(help="Re-encode files whose token file already exists.")] = False,
     batch_size: Annotated[int, typer.Option(help="Files per forward pass (same-shaped files are batched).")] = 32,
     codec: Annotated[Codec, typer.Option(help="Token payload: packed (ceil(log2 K) bits/code) or entropy (model table).")] = Codec.packed,
+    shard: Annotated[bool, typer.Option(help="Write one memory-mappable token shard (OUT/shard.*) for training on tokens, instead of .vqt files.")] = False,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Turn files into .vqt token files (one per input)."""
+    """Turn files into .vqt token files (one per input), or into one token shard with --shard."""
     from .pipeline import encode_files
 
     with _user_errors():
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
-                              codec=codec.value)
+                              codec=codec.value, shard=shard)
     _finish_run(report, "encoded", json_out)
 
 
@@ -237,6 +238,7 @@ def _finish_run(report: Any, verb: str, json_out: bool) -> None:
 def inspect(
     source: Annotated[Path, typer.Argument(help="Token files/folder, or a model.safetensors with --data.")],
     data: Annotated[Optional[list[Path]], typer.Option(help="With a model: encode these files/folders and count codes.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="With token files: the model, needed to read files written with --codec entropy.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG here.")] = None,
     top: Annotated[int, typer.Option(help="How many of the most used codes to list.")] = 10,
     device: DeviceOpt = "auto",
@@ -251,7 +253,13 @@ def inspect(
                 raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
             result = rep.inspect_model(source, data, device=device)
         else:
-            result = rep.inspect_tokens([source])
+            table = None
+            if model is not None:
+                from .modelfile import load
+                from .pipeline import code_table
+
+                table = code_table(load(model))
+            result = rep.inspect_tokens([source], table=table)
         if plot:
             rep.write_usage_plot(result, plot)
     _report_failures(result.failed)

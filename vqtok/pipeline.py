@@ -20,9 +20,11 @@ from .device import pick_device
 from .errors import TokenFileError, VqtokError
 from .modelfile import load
 from .nets import Tokenizer
+from .shards import DESCRIPTOR_SUFFIX, ShardWriter
 from .tokfile import read_tokens, write_tokens
 
 TOKEN_SUFFIX = ".vqt"
+SHARD_NAME = "shard"
 
 # Called once per input file with (path, outcome) where outcome is "written", "exists" or "failed".
 FileCallback = Callable[[Path, str], None]
@@ -66,9 +68,14 @@ def encode_files(
     device: str = "auto",
     codec: str = "packed",
     stages: int | None = None,
+    shard: bool = False,
     on_file: FileCallback | None = None,
 ) -> RunReport:
-    """Encode every image under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg -> out/a/b.jpg.vqt)."""
+    """Encode every image under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg -> out/a/b.jpg.vqt).
+
+    With `shard`, all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.shards),
+    in input order; items keep their relative name and header fields as metadata.
+    """
     begin = time.perf_counter()
     dev = pick_device(device)
     model = load(model_path, dev)
@@ -82,19 +89,29 @@ def encode_files(
     fingerprint = model.fingerprint()
     table = code_table(model) if codec == "entropy" else None
 
+    codebook_size = model.config.quantizer.codebook_size
+    shard_writer = None
+    if shard:
+        if (out / f"{SHARD_NAME}{DESCRIPTOR_SUFFIX}").exists() and not force:
+            raise VqtokError(f"{out} already holds a token shard; pass --force to rewrite it")
+        shard_writer = ShardWriter(out, SHARD_NAME, codebook_size=codebook_size, fingerprint=fingerprint)
+
     def write(path: Path, target: Path, codes: torch.Tensor, header: dict) -> None:
         header = {"fingerprint": fingerprint, "modality": modality, **header}
-        report.bytes += write_tokens(target, codes.cpu().numpy(), header,
-                                     codebook_size=model.config.quantizer.codebook_size, codec=codec, table=table)
+        array = codes.cpu().numpy()
+        if shard_writer is not None:
+            shard_writer.add(header["source"], array, header)
+        else:
+            report.bytes += write_tokens(target, array, header, codebook_size=codebook_size, codec=codec, table=table)
+            report.written.append(str(target))
         report.tokens += codes.numel()
-        report.written.append(str(target))
         notify(path, "written")
 
     todo: list[tuple[Path, Path, str]] = []
     for path in paths:
         rel = data.relative_name(path, inputs)
         target = out / rel.with_name(rel.name + TOKEN_SUFFIX)
-        if target.exists() and not force:
+        if target.exists() and not force and not shard:
             report.existing.append(str(target))
             notify(path, "exists")
         else:
@@ -110,6 +127,13 @@ def encode_files(
         for (path, size), c in zip(items, codes):
             target, source = where[path]
             write(path, target, c, {"original_size": list(size), "source": source})
+    if shard_writer is not None:
+        if not report.tokens:
+            shard_writer.abort()
+            raise VqtokError(f"nothing to write to the shard in {out}: no input could be encoded")
+        descriptor = shard_writer.close()
+        report.written.append(str(descriptor))
+        report.bytes = sum(p.stat().st_size for p in out.glob(f"{SHARD_NAME}.*"))
     report.seconds = time.perf_counter() - begin
     return report
 

@@ -58,15 +58,16 @@ class InspectReport:
         return out
 
 
-def inspect_tokens(inputs: Sequence[Path]) -> InspectReport:
-    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint)."""
+def inspect_tokens(inputs: Sequence[Path], table: np.ndarray | None = None) -> InspectReport:
+    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint).
+    `table`: the model's code-frequency table, needed only for files entropy-coded with it."""
     counts: np.ndarray | None = None
     fingerprint = None
     report = InspectReport(source=", ".join(str(p) for p in inputs), files=0, codebook_size=0,
                            counts=np.zeros((0, 0), np.int64))
     for path, _root in find_token_files(inputs):
         try:
-            tokens = read_tokens(path)
+            tokens = read_tokens(path, table=table)
         except TokenFileError as err:
             report.failed.append((str(path), str(err)))
             continue
