@@ -200,9 +200,9 @@ def encode(
     """Turn files into .vqt token files (one per input), or into one token shard with --shard."""
     from .pipeline import encode_files
 
-    with _user_errors():
+    with _user_errors(), _file_progress("encoding") as on_file:
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
-                              codec=codec.value, shard=shard)
+                              codec=codec.value, shard=shard, on_file=on_file)
     _finish_run(report, "encoded", json_out)
 
 
@@ -218,9 +218,19 @@ def decode(
     """Turn .vqt token files back into images at their original size."""
     from .pipeline import decode_files
 
-    with _user_errors():
-        report = decode_files(model, tokens, out, force=force, device=device)
+    with _user_errors(), _file_progress("decoding") as on_file:
+        report = decode_files(model, tokens, out, force=force, device=device, on_file=on_file)
     _finish_run(report, "decoded", json_out)
+
+
+@contextlib.contextmanager
+def _file_progress(what: str) -> Iterator[Any]:
+    """A files-done counter on stderr, fed by the pipeline's per-file callback."""
+    progress = Progress(TextColumn(f"[bold]{what}"), TextColumn("{task.completed} files"), TimeElapsedColumn(),
+                        console=err, transient=True)
+    task = progress.add_task(what, total=None)
+    with progress:
+        yield lambda _path, _outcome: progress.advance(task)
 
 
 def _finish_run(report: Any, verb: str, json_out: bool) -> None:
