@@ -47,6 +47,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "rotation": {**PLAIN, "estimator": "rotation"},
     "affine+sync+alternate": {**PLAIN, "affine": "learned", "sync_nu": 0.2, "alternate": True},
     "rotation+affine+sync": {**PLAIN, "estimator": "rotation", "affine": "learned", "sync_nu": 0.2},
+    "rotation+ema+upkeep": {"estimator": "rotation", "codebook_update": "ema", "affine": "off", "sync_nu": 0.0},
+    "rotation+ema+affine+sync+upkeep": {"estimator": "rotation", "codebook_update": "ema", "affine": "learned",
+                                         "sync_nu": 0.2},
     "best": {},  # vqtok's defaults: the winning combination, with k-means++ init and dead-code restarts
     "peer-default": {"peer": {}},
     "peer-best": {"peer": {"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.99}},
