@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a quantizer setting in every vqtok row, e.g. --set beta=1.0")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -154,6 +156,11 @@ def main() -> None:
     _, test_paths = data.find_inputs(DATA / test_dir)
     train_images = data.load_image_set(train_paths, size)[0]
     test_images = data.load_image_set(test_paths[:n_test] if n_test else test_paths, size)[0]
+    for item in args.set:
+        key, value = item.split("=", 1)
+        for row in ROWS.values():
+            if "peer" not in row:
+                row[key] = json.loads(value)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     results = []
     header = f"{'row':24} {'MSE':>9} {'PSNR dB':>8} {'SSIM':>6} {'usage %':>8} {'perplexity':>10} {'q.err':>7} {'steps/s':>8}"

@@ -211,3 +211,12 @@ def test_inspect_entropy_coded_tokens_needs_the_model(model_path: Path, images: 
     assert without.exit_code == 1 and "table" in without.stderr
     with_model = invoke("inspect", tmp_path / "e", "--model", model_path, "--json")
     assert with_model.exit_code == 0 and json.loads(with_model.stdout)["tokens"] == 60 * 49
+
+
+def test_eval_plot_draws_the_first_images(model_path: Path, images: Path, tmp_path: Path) -> None:
+    result = invoke("eval", model_path, images, "--plot", tmp_path / "recon.png")
+    assert result.exit_code == 0, result.output
+    picture = Image.open(tmp_path / "recon.png")
+    assert picture.width > 28 and picture.height > 56
+    staged = invoke("eval", model_path, images, "--stages", "1")
+    assert staged.exit_code == 1 and "audio" in staged.stderr

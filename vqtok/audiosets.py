@@ -6,8 +6,10 @@ with the sample rate); `train.py` adds the quantizer's own terms. The weighting 
 learn from: with an L1 waveform term the output collapses to silence (the median of an unpredictable sample
 is 0), and with the mel term at full weight the model matches spectra with incoherent phase (SI-SNR stays
 near -35 dB for hundreds of steps); squared error at the nets' scale plus a small mel term does both.
-The constants below record what was measured. Validation runs each held-out file whole through the model, padded
-to a multiple of the hop and cropped back before scoring (`AudioEvaluator`).
+The constants below record what was measured.
+
+Validation runs each held-out file whole through the model, padded to a multiple of the hop and cropped back
+before scoring (`AudioEvaluator`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 import torchaudio
 
 from . import data, plots, stats
+from .audionets import INPUT_GAIN
 from .config import ModelConfig, TrainConfig
 from .errors import VqtokError
-from .audionets import INPUT_GAIN
+from .evaluate import AudioEvaluator
 from .nets import Tokenizer
 
 # Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
@@ -67,68 +70,6 @@ def mel_loss(recon: torch.Tensor, target: torch.Tensor, sample_rate: int) -> tor
         mel = _mel(sample_rate, n_fft, n_mels, recon.device)
         total = total + (torch.log10(mel(r) + MEL_FLOOR) - torch.log10(mel(t) + MEL_FLOOR)).abs().mean()
     return total / len(sizes)
-
-
-class AudioEvaluator:
-    """Feeds whole waves through a tokenizer and accumulates SI-SNR and log-mel distance (per file, on the
-    original samples), code counts per stage, relative quantization error and the bitrate.
-
-    `stages` limits the residual stages used (None: all), which is how one model is scored at several bitrates.
-    """
-
-    def __init__(self, model: Tokenizer, stages: int | None = None):
-        q = model.config.quantizer
-        self.model = model
-        self.stages = stages or q.stages
-        self.codebook_size = q.codebook_size
-        self.counts = torch.zeros(self.stages, q.codebook_size, dtype=torch.long)
-        self.files = 0
-        self.samples = 0
-        self.sums = {"si_snr": 0.0, "mel_distance": 0.0}
-        self.err = 0.0
-        self.energy = 0.0
-
-    @torch.no_grad()
-    def add(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave: (1, T) in [-1, 1] at the model's rate. Returns the clamped reconstruction (1, T)."""
-        padded, length = data.pad_length(wave, self.model.hop)
-        out = self.model(padded[None], self.stages)
-        recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
-        rate = self.model.config.sample_rate
-        self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])
-        self.sums["mel_distance"] += float(stats.mel_distance(recon, wave, rate)[0])
-        flat = out.indices.movedim(1, -1).reshape(-1, self.stages)
-        for s in range(self.stages):
-            self.counts[s] += stats.count_codes(flat[:, s].cpu(), self.codebook_size)
-        z = self.model._to_vectors(out.z)
-        q = self.model.quantizer.decode(flat)
-        self.err += float(((z - q) ** 2).sum())
-        self.energy += float((z**2).sum())
-        self.files += 1
-        self.samples += length
-        return recon
-
-    def kbps(self) -> float:
-        """stages x log2 K bits per code frame x frames per second, in kilobits per second."""
-        rate = self.model.config.sample_rate
-        return self.stages * math.log2(self.codebook_size) * rate / self.model.hop / 1000.0
-
-    def result(self) -> dict[str, float]:
-        """Means per file; usage / perplexity averaged over stages, then one entry per stage."""
-        n = max(self.files, 1)
-        out = {k: v / n for k, v in self.sums.items()}
-        out["kbps"] = self.kbps()
-        usages = [stats.code_usage(c) for c in self.counts]
-        out["usage"] = sum(u.usage for u in usages) / len(usages)
-        out["perplexity"] = sum(u.perplexity for u in usages) / len(usages)
-        out["dead_codes"] = float(sum(u.dead for u in usages))
-        out["quant_error"] = self.err / max(self.energy, 1e-12)
-        out["files"] = float(self.files)
-        out["seconds"] = self.samples / self.model.config.sample_rate
-        for s, u in enumerate(usages):
-            out[f"usage_stage_{s + 1}"] = u.usage
-            out[f"perplexity_stage_{s + 1}"] = u.perplexity
-        return out
 
 
 def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> int:
@@ -191,6 +132,22 @@ class AudioSet:
         plots.spectrogram_comparison(wave[0].cpu(), recon[0].cpu(), self.sample_rate, path, title="validation")
 
 
+def default_sample_rate(paths: list[Path], sample: int = 200) -> int:
+    """The most common sample rate among up to `sample` evenly spaced files (headers only; ties go to the
+    higher rate). Unreadable files do not vote; they are reported when the set is loaded."""
+    step = max(1, len(paths) // sample)
+    rates: dict[int, int] = {}
+    for path in paths[::step]:
+        try:
+            rate = data.audio_info(path)[0]
+        except VqtokError:
+            continue
+        rates[rate] = rates.get(rate, 0) + 1
+    if not rates:
+        raise VqtokError(f"none of the {len(paths)} audio files has a readable header")
+    return max(rates, key=lambda r: (rates[r], r))
+
+
 def build_audio_sets(
     paths: list[Path], model_config: ModelConfig, train_config: TrainConfig
 ) -> tuple[AudioSet, AudioSet, list[tuple[Path, str]]]:
@@ -204,7 +161,8 @@ def build_audio_sets(
     rate, hop = model_config.sample_rate, model_config.downsample
     waves, kept, skipped = data.load_audio_set(paths, rate)
     if not kept:
-        raise VqtokError(f"none of the {len(paths)} audio files could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+        first, why = skipped[0]
+        raise VqtokError(f"none of the {len(paths)} audio files could be read (first: {first}: {why})")
     train_idx, val_idx = split_indices(len(kept), train_config)
     segment = segment_samples(train_config, rate, hop)
     train_set = AudioSet([waves[i] for i in train_idx], rate, hop, segment)

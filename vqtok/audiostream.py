@@ -29,6 +29,8 @@ from .nets import Tokenizer
 
 # Default chunk length in seconds for encoding, decoding and writing.
 CHUNK_SECONDS = 30.0
+# Frames read at once from an MP3 file (see FileSignal).
+MP3_READ_AHEAD = 1 << 21
 # torchaudio's default sinc resampler: kernel half-width in zero crossings, and its low-pass roll-off.
 _LOWPASS_WIDTH = 6
 _ROLLOFF = 0.99
@@ -58,7 +60,13 @@ def _place(block: torch.Tensor, first: int, start: int, stop: int, length: int) 
 class FileSignal:
     """A sound file (WAV, FLAC, OGG, MP3) read in blocks; channels averaged to one when `mono`.
 
-    Use it as a context manager (or call `close`). Reading problems raise `VqtokError` naming the file.
+    The file is only ever read forwards (libsndfile's MP3 seeking is not sample-accurate): the frames of the
+    last read are kept, so the overlapping windows of a chunked pass cost no re-reading, and a read that
+    starts before them rewinds to the beginning. libsndfile's MP3 decoder also loses accuracy around the
+    boundaries of partial reads (measured: 20.4 dB SNR against the source in 3,456-frame reads, 22.3 dB
+    whole), so MP3 is read ahead in blocks of `MP3_READ_AHEAD` frames, which leaves one boundary every
+    minute or so. Use it as a context manager (or call `close`). Reading problems raise `VqtokError` naming
+    the file.
     """
 
     def __init__(self, path: Path | str, mono: bool = True):
@@ -73,14 +81,15 @@ class FileSignal:
             self._file = sf.SoundFile(str(self.path))
         except Exception as err:  # soundfile raises LibsndfileError / RuntimeError on files it cannot open
             raise VqtokError(f"{self.path}: cannot read audio ({_one_line(err)})") from None
+        self._kept = torch.zeros(self.channels, 0)  # frames [_kept_start, _next) of the file
+        self._kept_start = 0
+        self._next = 0
+        self._read_ahead = MP3_READ_AHEAD if self.path.suffix.lower() == ".mp3" else 1
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        lo, hi = max(start, 0), min(stop, self.length)
-        if hi <= lo:
-            return torch.zeros(self.channels, stop - start)
+    def _pull(self, frames: int) -> torch.Tensor:
+        """The next `frames` frames (fewer at the end of the file), as (channels, n)."""
         try:
-            self._file.seek(lo)
-            block = self._file.read(hi - lo, dtype="float32", always_2d=True)
+            block = self._file.read(frames, dtype="float32", always_2d=True)
         except Exception as err:
             raise VqtokError(f"{self.path}: cannot read audio ({_one_line(err)})") from None
         if not np.isfinite(block).all():
@@ -88,7 +97,27 @@ class FileSignal:
         wave = torch.from_numpy(np.ascontiguousarray(block.T))
         if self.mono and wave.shape[0] > 1:
             wave = wave.mean(0, keepdim=True)
-        return _place(wave, lo, start, stop, self.length)
+        self._next += wave.shape[1]
+        return wave
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        lo, hi = max(start, 0), min(stop, self.length)
+        if hi <= lo:
+            return torch.zeros(self.channels, stop - start)
+        if lo < self._kept_start:
+            self._file.seek(0)
+            self._kept, self._kept_start, self._next = torch.zeros(self.channels, 0), 0, 0
+        while self._next < lo:  # skip forward, keeping only what reaches into the window
+            block = self._pull(max(self._read_ahead, min(lo - self._next, 1 << 20)))
+            if block.shape[1] == 0:
+                break
+            self._kept, self._kept_start = block, self._next - block.shape[1]
+        parts = [self._kept[:, max(0, lo - self._kept_start):]]
+        if self._next < hi:
+            parts.append(self._pull(max(self._read_ahead, hi - self._next)))
+        self._kept = torch.cat(parts, dim=1)
+        self._kept_start = self._next - self._kept.shape[1]
+        return _place(self._kept, self._kept_start, start, stop, self.length)
 
     def close(self) -> None:
         self._file.close()
@@ -113,18 +142,19 @@ def resampled_length(length: int, rate: int, new_rate: int) -> int:
 
 
 class ResampledSignal:
-    """`source` resampled to `rate` with torchaudio's windowed-sinc resampler, clamped to [-1, 1].
+    """`source` resampled to `rate` with torchaudio's windowed-sinc resampler, clamped to [-1, 1]; `length`
+    (default: what resampling the whole source gives) cuts it shorter.
 
     The resampler maps every `down` = source.rate / gcd input samples to `up` = rate / gcd outputs with a
     kernel `width` samples wide, so a read is widened to whole periods plus a margin that covers the kernel:
     the samples equal those of resampling the whole source at once.
     """
 
-    def __init__(self, source: Signal, rate: int):
+    def __init__(self, source: Signal, rate: int, length: int | None = None):
         self.source = source
         self.rate = rate
         self.channels = source.channels
-        self.length = resampled_length(source.length, source.rate, rate)
+        self.length = resampled_length(source.length, source.rate, rate) if length is None else length
         g = math.gcd(source.rate, rate)
         self.up, self.down = rate // g, source.rate // g
         width = math.ceil(_LOWPASS_WIDTH * self.down / (min(self.up, self.down) * _ROLLOFF))
@@ -211,11 +241,7 @@ def decoded_signal(model: Tokenizer, codes: torch.Tensor, length: int, rate: int
     """The codes' waveform at `rate` Hz, `length` samples long (resampled from the model's rate when they differ)."""
     model_length = resampled_length(length, rate, model.config.sample_rate)
     decoded = DecodedSignal(model, codes, model_length)
-    if rate == model.config.sample_rate:
-        return decoded
-    out = ResampledSignal(decoded, rate)
-    out.length = length
-    return out
+    return decoded if rate == model.config.sample_rate else ResampledSignal(decoded, rate, length)
 
 
 def write_signal(path: Path | str, signal: Signal, chunk_seconds: float = CHUNK_SECONDS) -> None:

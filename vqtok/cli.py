@@ -35,6 +35,14 @@ _state = {"verbose": False}
 _Q = QuantizerConfig()
 _M = ModelConfig()
 _T = TrainConfig()
+# Audio defaults where they differ from the image ones: a network small enough to train usefully on a CPU
+# (64 channels, one residual unit per stride), batches of 8 quarter-second segments (more steps in the same
+# time: on FSDD, 3 minutes of training reach -5.8 dB SI-SNR with 0.25 s, -7.5 dB with 0.5 s and -9.1 dB with
+# 1 s segments), and 8 residual stages of 1024
+# codes (4 kbps at 16 kHz, 50 frames/s) trained with stage dropout so the first 1, 2, 4... stages decode
+# on their own at lower bitrates.
+_AUDIO: dict[str, Any] = {"batch_size": 8, "channels": 64, "res_blocks": 1, "codebook_size": 1024, "stages": 8,
+                          "stage_dropout": 0.5, "segment_seconds": 0.25}
 
 
 class Estimator(str, Enum):
@@ -51,6 +59,11 @@ class Affine(str, Enum):
     off = "off"
     learned = "learned"
     stats = "stats"
+
+
+class ChannelMode(str, Enum):
+    mono = "mono"
+    keep = "keep"
 
 
 class Codec(str, Enum):
@@ -80,6 +93,16 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _parse_strides(text: str) -> tuple[int, ...]:
+    try:
+        strides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        strides = ()
+    if not strides or any(s < 1 for s in strides):
+        raise VqtokError(f"--strides must be positive integers separated by commas, got {text!r}")
+    return strides
+
+
 def _print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -105,19 +128,23 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON
 @app.command()
 def train(
     data: Annotated[list[Path], typer.Argument(help="Folders or files of images (or audio) to train on.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics, previews, model.")],
+    run_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics, previews, model.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _T.steps,
-    batch_size: Annotated[int, typer.Option(help="Items per step.")] = _T.batch_size,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Items per step (default: {_T.batch_size} images, {_AUDIO['batch_size']} audio segments).")] = None,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, then cosine decay).")] = _T.lr,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = _T.warmup,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batches (recorded in run.json).")] = _T.seed,
-    size: Annotated[Optional[int], typer.Option(help="Image training crop side in pixels [default: fits the data].")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Image training crop side in pixels (default: fits the data).")] = None,
     downsample: Annotated[int, typer.Option(help="Image downsampling factor per side: 4, 8 or 16.")] = _M.downsample,
-    channels: Annotated[int, typer.Option(help="Hidden channels of the encoder/decoder.")] = _M.channels,
-    res_blocks: Annotated[int, typer.Option(help="Residual blocks on each side.")] = _M.res_blocks,
+    sample_rate: Annotated[Optional[int], typer.Option(help="Audio model rate in Hz; files are resampled to it (default: the most common rate of the files).")] = None,
+    strides: Annotated[str, typer.Option(help="Audio encoder strides; their product is the hop (2,4,5,8: 320 samples, 50 frames/s at 16 kHz).")] = ",".join(map(str, _M.audio_strides)),
+    segment_seconds: Annotated[float, typer.Option(help="Audio training crop length in seconds.")] = _AUDIO["segment_seconds"],
+    channels: Annotated[Optional[int], typer.Option(help=f"Hidden channels of the encoder/decoder (default: {_M.channels} images, {_AUDIO['channels']} audio).")] = None,
+    res_blocks: Annotated[Optional[int], typer.Option(help=f"Residual blocks on each side (audio: per stride) (default: {_M.res_blocks} images, {_AUDIO['res_blocks']} audio).")] = None,
     code_dim: Annotated[int, typer.Option(help="Code vector dimension D.")] = _Q.dim,
-    codebook_size: Annotated[int, typer.Option(help="Codes per codebook K.")] = _Q.codebook_size,
-    stages: Annotated[int, typer.Option(help="Residual quantizer stages (codebooks).")] = _Q.stages,
+    codebook_size: Annotated[Optional[int], typer.Option(help=f"Codes per codebook K (default: {_Q.codebook_size} images, {_AUDIO['codebook_size']} audio).")] = None,
+    stages: Annotated[Optional[int], typer.Option(help=f"Residual quantizer stages (codebooks) (default: {_Q.stages} images, {_AUDIO['stages']} audio).")] = None,
+    stage_dropout: Annotated[Optional[float], typer.Option(help=f"Probability that a training step uses only a random prefix of the stages, so one model serves several bitrates (encode --stages N) (default: {_AUDIO['stage_dropout']} for audio with several stages, else 0).")] = None,
     estimator: Annotated[Estimator, typer.Option(help="Gradient estimator: ste (VQ-VAE) or rotation (Fifty et al. 2024).")] = Estimator(_Q.estimator),
     codebook_update: Annotated[CodebookUpdate, typer.Option(help="Codebook learning: loss (codebook loss) or ema.")] = CodebookUpdate(_Q.codebook_update),
     codebook_weight: Annotated[float, typer.Option(help="Weight of the codebook loss ||sg(z) - q||^2.")] = _Q.codebook_weight,
@@ -138,19 +165,34 @@ def train(
     device: DeviceOpt = _T.device,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a tokenizer on a folder of images; writes OUT/model.safetensors and the run's checkpoints."""
+    """Train a tokenizer on a folder of images or audio; writes OUT/model.safetensors and the run's checkpoints."""
+    from .data import find_inputs
     from .train import train as run_training
 
+    with _user_errors():
+        audio = find_inputs(data)[0] == "audio"
+        audio_strides = _parse_strides(strides)
+
+    def pick(given: Any, image_default: Any, key: str) -> Any:
+        return given if given is not None else (_AUDIO[key] if audio else image_default)
+
+    stages = pick(stages, _Q.stages, "stages")
+    if stage_dropout is None:
+        stage_dropout = _AUDIO["stage_dropout"] if audio and stages > 1 else _Q.stage_dropout
     quantizer = QuantizerConfig(
-        dim=code_dim, codebook_size=codebook_size, stages=stages, estimator=estimator.value,
+        dim=code_dim, codebook_size=pick(codebook_size, _Q.codebook_size, "codebook_size"), stages=stages,
+        stage_dropout=stage_dropout, estimator=estimator.value,
         codebook_update=codebook_update.value, codebook_weight=codebook_weight, beta=beta, ema_decay=ema_decay,
         affine=affine.value, affine_groups=affine_groups, affine_lr_mult=affine_lr_mult, sync_nu=sync_nu,
         alternate=alternate, alternate_lr=alternate_lr, kmeans_init=kmeans_init, dead_code_steps=dead_code_steps,
         cosine=cosine,
     )
-    model_config = ModelConfig(channels=channels, downsample=downsample, res_blocks=res_blocks, quantizer=quantizer)
-    train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
-                               checkpoint_every=checkpoint_every, val_fraction=val_fraction, device=device)
+    model_config = ModelConfig(channels=pick(channels, _M.channels, "channels"), downsample=downsample,
+                               res_blocks=pick(res_blocks, _M.res_blocks, "res_blocks"),
+                               audio_strides=audio_strides, quantizer=quantizer)
+    train_config = TrainConfig(steps=steps, batch_size=pick(batch_size, _T.batch_size, "batch_size"), lr=lr,
+                               warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
+                               val_fraction=val_fraction, segment_seconds=segment_seconds, device=device)
     progress = _progress()
     task = progress.add_task("training", total=steps, info="", start=False)
 
@@ -161,13 +203,15 @@ def train(
         info = f"loss {m['loss']:.4f}"
         if "psnr" in m:
             info += f"  psnr {m['psnr']:.2f} dB"
+        if "si_snr" in m:
+            info += f"  si-snr {m['si_snr']:.2f} dB"
         info += f"  usage {100 * m.get('usage', 0):.1f}%"
         progress.update(task, completed=step, total=total, info=info)
 
     try:
         with _user_errors():
-            result = run_training(data, out, model_config, train_config, size=size, resume=resume,
-                                  on_progress=on_progress, on_status=lambda msg: err.log(msg))
+            result = run_training(data, run_dir, model_config, train_config, size=size, sample_rate=sample_rate,
+                                  resume=resume, on_progress=on_progress, on_status=lambda msg: err.log(msg))
     finally:
         progress.stop()
     _report_failures(result.skipped)
@@ -194,6 +238,9 @@ def encode(
     batch_size: Annotated[int, typer.Option(help="Files per forward pass (same-shaped files are batched).")] = 32,
     codec: Annotated[Codec, typer.Option(help="Token payload: packed (ceil(log2 K) bits/code) or entropy (model table).")] = Codec.packed,
     shard: Annotated[bool, typer.Option(help="Write one memory-mappable token shard (OUT/shard.*) for training on tokens, instead of .vqt files.")] = False,
+    stages: Annotated[Optional[int], typer.Option(help="Keep only the first N residual stages: a lower bitrate (default: all).")] = None,
+    channels: Annotated[ChannelMode, typer.Option(help="Audio: mono mixes the channels down; keep tokenizes each channel.")] = ChannelMode.mono,
+    chunk_seconds: Annotated[Optional[float], typer.Option(help="Audio: seconds encoded at a time; memory follows the chunk, not the file (default: 30).")] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -202,7 +249,8 @@ def encode(
 
     with _user_errors(), _file_progress("encoding") as on_file:
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
-                              codec=codec.value, shard=shard, on_file=on_file)
+                              codec=codec.value, stages=stages, shard=shard, channels=channels.value,
+                              chunk_seconds=chunk_seconds, on_file=on_file)
     _finish_run(report, "encoded", json_out)
 
 
@@ -210,12 +258,13 @@ def encode(
 def decode(
     model: Annotated[Path, typer.Argument(help="The model.safetensors the tokens were made with.")],
     tokens: Annotated[list[Path], typer.Argument(help=".vqt files or folders of them.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the decoded PNG files; mirrors the token tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the decoded PNG (images) or WAV (audio) files; mirrors the token tree.")],
     force: Annotated[bool, typer.Option(help="Overwrite outputs that already exist.")] = False,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Turn .vqt token files back into images at their original size."""
+    """Turn .vqt token files back into images at their original size, or WAV files at their original sample rate
+    and length."""
     from .pipeline import decode_files
 
     with _user_errors(), _file_progress("decoding") as on_file:
@@ -299,14 +348,17 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="A model.safetensors.")],
     data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
     batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
+    stages: Annotated[Optional[int], typer.Option(help="Audio: score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the first file(s): reconstructions (images) or log-mel spectrograms (audio).")] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Reconstruction quality (PSNR, SSIM, MSE) and codebook figures of a model over a folder."""
+    """Reconstruction quality (PSNR, SSIM, MSE for images; SI-SNR, log-mel distance, kbps for audio) and codebook
+    figures of a model over a folder."""
     from .report import evaluate_model
 
     with _user_errors():
-        result = evaluate_model(model, data, device=device, batch_size=batch_size)
+        result = evaluate_model(model, data, device=device, batch_size=batch_size, stages=stages, plot=plot)
     _report_failures(result.failed)
     if json_out:
         _print_json(result.to_dict())
@@ -317,6 +369,8 @@ def evaluate(
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4g}")
     out.print(table)
+    if plot:
+        out.print(f"plot: {plot}")
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""Reconstruction and codebook figures accumulated over batches: shared by validation during training and
-by `vqtok eval`."""
+"""Reconstruction and codebook figures accumulated over batches (images) or files (audio): shared by validation
+during training and by `vqtok eval`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import stats
+from . import data, stats
 from .nets import Tokenizer
 
 
@@ -60,4 +60,66 @@ class ImageEvaluator:
         out["dead_codes"] = float(sum(u.dead for u in usages))
         out["quant_error"] = self.err / max(self.energy, 1e-12)
         out["images"] = float(self.images)
+        return out
+
+
+class AudioEvaluator:
+    """Feeds whole waves through a tokenizer and accumulates SI-SNR and log-mel distance (per file, on the
+    original samples), code counts per stage, relative quantization error and the bitrate.
+
+    `stages` limits the residual stages used (None: all), which is how one model is scored at several bitrates.
+    """
+
+    def __init__(self, model: Tokenizer, stages: int | None = None):
+        q = model.config.quantizer
+        self.model = model
+        self.stages = stages or q.stages
+        self.codebook_size = q.codebook_size
+        self.counts = torch.zeros(self.stages, q.codebook_size, dtype=torch.long)
+        self.files = 0
+        self.samples = 0
+        self.sums = {"si_snr": 0.0, "mel_distance": 0.0}
+        self.err = 0.0
+        self.energy = 0.0
+
+    @torch.no_grad()
+    def add(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave: (1, T) in [-1, 1] at the model's rate. Returns the clamped reconstruction (1, T)."""
+        padded, length = data.pad_length(wave, self.model.hop)
+        out = self.model(padded[None], self.stages)
+        recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
+        rate = self.model.config.sample_rate
+        self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])
+        self.sums["mel_distance"] += float(stats.mel_distance(recon, wave, rate)[0])
+        flat = out.indices.movedim(1, -1).reshape(-1, self.stages)
+        for s in range(self.stages):
+            self.counts[s] += stats.count_codes(flat[:, s].cpu(), self.codebook_size)
+        z = self.model._to_vectors(out.z)
+        q = self.model.quantizer.decode(flat)
+        self.err += float(((z - q) ** 2).sum())
+        self.energy += float((z**2).sum())
+        self.files += 1
+        self.samples += length
+        return recon
+
+    def kbps(self) -> float:
+        """stages x log2 K bits per code frame x frames per second, in kilobits per second."""
+        rate = self.model.config.sample_rate
+        return self.stages * math.log2(self.codebook_size) * rate / self.model.hop / 1000.0
+
+    def result(self) -> dict[str, float]:
+        """Means per file; usage / perplexity averaged over stages, then one entry per stage."""
+        n = max(self.files, 1)
+        out = {k: v / n for k, v in self.sums.items()}
+        out["kbps"] = self.kbps()
+        usages = [stats.code_usage(c) for c in self.counts]
+        out["usage"] = sum(u.usage for u in usages) / len(usages)
+        out["perplexity"] = sum(u.perplexity for u in usages) / len(usages)
+        out["dead_codes"] = float(sum(u.dead for u in usages))
+        out["quant_error"] = self.err / max(self.energy, 1e-12)
+        out["files"] = float(self.files)
+        out["audio_seconds"] = self.samples / self.model.config.sample_rate
+        for s, u in enumerate(usages):
+            out[f"usage_stage_{s + 1}"] = u.usage
+            out[f"perplexity_stage_{s + 1}"] = u.perplexity
         return out

@@ -2,11 +2,15 @@
 
 Both mirror the input tree under the output folder, batch files of equal shape, skip and report a bad file and
 go on, and write every output atomically. Images are padded (edge-replicated) to a multiple of the model's
-downsampling factor; the original size goes into the token file and decode crops back to it.
+downsampling factor; the original size goes into the token file and decode crops back to it. Audio is read,
+resampled to the model's rate, encoded, decoded and written in chunks (vqtok.audiostream), so a file of any
+length fits in memory; its token header keeps the original rate, length and channel count, and decode
+writes a WAV at that rate and exact length.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +20,13 @@ import numpy as np
 import torch
 
 from . import data
+from .audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
 from .device import pick_device
 from .errors import TokenFileError, VqtokError
 from .modelfile import load
 from .nets import Tokenizer
 from .shards import DESCRIPTOR_SUFFIX, ShardWriter
-from .tokfile import read_tokens, write_tokens
+from .tokfile import MAGIC, Tokens, read_tokens, write_tokens
 
 TOKEN_SUFFIX = ".vqt"
 SHARD_NAME = "shard"
@@ -69,12 +74,18 @@ def encode_files(
     codec: str = "packed",
     stages: int | None = None,
     shard: bool = False,
+    channels: str = "mono",
+    chunk_seconds: float | None = None,
     on_file: FileCallback | None = None,
 ) -> RunReport:
-    """Encode every image under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg -> out/a/b.jpg.vqt).
+    """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
+    out/a/b.jpg.vqt).
 
-    With `shard`, all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.shards),
-    in input order; items keep their relative name and header fields as metadata.
+    `stages`: keep only the first N residual stages (a lower bitrate). Audio: `channels` "mono" mixes the
+    channels (codes (S, frames)), "keep" tokenizes each (codes (S, C, frames)); files are encoded in chunks of
+    `chunk_seconds` (default 30) with enough overlap that the codes match a whole-file encode. With `shard`,
+    all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.shards), in input
+    order; items keep their relative name and header fields as metadata.
     """
     begin = time.perf_counter()
     dev = pick_device(device)
@@ -84,10 +95,14 @@ def encode_files(
         raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
     if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
         raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
+    if channels not in ("mono", "keep"):
+        raise VqtokError(f"--channels must be mono or keep, got {channels!r}")
+    if chunk_seconds is not None and chunk_seconds <= 0:
+        raise VqtokError(f"--chunk-seconds must be > 0, got {chunk_seconds}")
     report = RunReport()
     notify = on_file or (lambda _p, _o: None)
     fingerprint = model.fingerprint()
-    table = code_table(model) if codec == "entropy" else None
+    table = code_table(model)[: stages or None] if codec == "entropy" else None
 
     codebook_size = model.config.quantizer.codebook_size
     shard_writer = None
@@ -121,8 +136,17 @@ def encode_files(
         report.failed.append((str(path), reason))
         notify(path, "failed")
 
-    where = {path: (target, source) for path, target, source in todo}
-    for items, batch in image_batches([p for p, _, _ in todo], model.hop, batch_size, failed):
+    if modality == "audio":
+        for path, target, source in todo:
+            try:
+                codes, header = encode_audio(model, path, stages, channels == "mono",
+                                             chunk_seconds or CHUNK_SECONDS)
+            except VqtokError as err:
+                failed(path, str(err))
+                continue
+            write(path, target, codes, {**header, "source": source})
+    where = {path: (target, source) for path, target, source in todo if modality == "image"}
+    for items, batch in image_batches(list(where), model.hop, batch_size, failed):
         codes = model.encode(batch.to(dev).float().div_(255.0), stages)
         for (path, size), c in zip(items, codes):
             target, source = where[path]
@@ -136,6 +160,20 @@ def encode_files(
         report.bytes = sum(p.stat().st_size for p in out.glob(f"{SHARD_NAME}.*"))
     report.seconds = time.perf_counter() - begin
     return report
+
+
+def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
+                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[torch.Tensor, dict]:
+    """Codes of one audio file, (S, frames) mono or (S, C, frames), and the header fields decode needs:
+    sample_rate (the model's), original_sample_rate, original_length (samples at the original rate),
+    channels (in the file), channel_mode ("mono": mixed down, "keep": one code row per channel)."""
+    rate = model.config.sample_rate
+    source, signal = model_signal(path, rate, mono)
+    with source:
+        codes = encode_signal(model, signal, stages, chunk_seconds)
+    header = {"sample_rate": rate, "original_sample_rate": source.rate, "original_length": source.length,
+              "channels": source.file_channels, "channel_mode": "mono" if mono else "keep"}
+    return codes, header
 
 
 def image_batches(
@@ -200,8 +238,9 @@ def decode_files(
     device: str = "auto",
     on_file: FileCallback | None = None,
 ) -> RunReport:
-    """Decode every token file under `inputs` to a PNG at its original size, mirroring the tree under `out`.
-    Token files written by another model (different fingerprint) are refused and reported."""
+    """Decode every token file under `inputs` to a PNG at its original size, or a 16-bit WAV at its original
+    sample rate and length, mirroring the tree under `out`. Token files written by another model (different
+    fingerprint) are refused and reported."""
     begin = time.perf_counter()
     dev = pick_device(device)
     model = load(model_path, dev)
@@ -216,14 +255,17 @@ def decode_files(
             notify(token_path, "exists")
             continue
         try:
-            tokens = read_tokens(token_path, table=table)
+            tokens = read_tokens_for_model(token_path, table)
             if tokens.header.get("fingerprint") != fingerprint:
                 raise VqtokError(f"{token_path}: written by model {tokens.header.get('fingerprint')}, "
                                  f"not by {model_path} ({fingerprint})")
-            codes = torch.from_numpy(tokens.codes.astype(np.int64)).to(dev)
-            image = model.decode(codes.unsqueeze(0))[0]
-            h, w = tokens.header["original_size"]
-            data.save_image(target, image[:, :h, :w].cpu())
+            codes = torch.from_numpy(tokens.codes.astype(np.int64))
+            if model.config.modality == "audio":
+                decode_audio(model, codes, tokens.header, target, token_path)
+            else:
+                image = model.decode(codes.unsqueeze(0).to(dev))[0]
+                h, w = tokens.header["original_size"]
+                data.save_image(target, image[:, :h, :w].cpu())
         except (TokenFileError, VqtokError) as err:
             report.failed.append((str(token_path), str(err)))
             notify(token_path, "failed")
@@ -234,3 +276,42 @@ def decode_files(
         notify(token_path, "written")
     report.seconds = time.perf_counter() - begin
     return report
+
+
+def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Path, token_path: Path) -> None:
+    """Write the WAV of audio codes (S, frames) or (S, C, frames) at the header's original rate and length."""
+    try:
+        rate, length = int(header["original_sample_rate"]), int(header["original_length"])
+    except (KeyError, TypeError, ValueError):
+        raise VqtokError(f"{token_path}: not an audio token file (no original_sample_rate / original_length)") from None
+    if rate <= 0 or length < 0:
+        raise VqtokError(f"{token_path}: bad original rate {rate} or length {length}")
+    frames, needed = codes.shape[-1], -(-resampled_length(length, rate, model.config.sample_rate) // model.hop)
+    if frames != needed:
+        raise VqtokError(f"{token_path}: {frames} code frames, but {length} samples at {rate} Hz need {needed}")
+    write_signal(target, decoded_signal(model, codes, length, rate))
+
+
+def read_tokens_for_model(path: Path, table: np.ndarray | None) -> Tokens:
+    """read_tokens with the model's code table cut to the file's stage count (a file encoded with --stages N
+    and the entropy codec was coded with the first N rows)."""
+    if table is not None:
+        stages = _header_stages(path)
+        if stages is not None and stages <= len(table):
+            table = table[:stages]
+    return read_tokens(path, table=table)
+
+
+def _header_stages(path: Path) -> int | None:
+    """The "stages" field of a token file's JSON header, or None when it cannot be peeked at (read_tokens
+    then reports the problem). Layout: magic (4), version (2), header length u32 (4), header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(10)
+            if len(head) < 10 or head[:4] != MAGIC:
+                return None
+            size = int.from_bytes(head[6:10], "little")
+            stages = json.loads(f.read(min(size, 1 << 16))).get("stages")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stages if isinstance(stages, int) and stages >= 1 else None

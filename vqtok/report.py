@@ -2,7 +2,8 @@
 
 inspect: how a codebook is used (usage, dead codes, perplexity, entropy in bits/token against log2 K, the most
 used codes), measured from token files or by encoding a data folder with a model. eval: reconstruction quality
-(PSNR, SSIM, MSE) plus the same codebook figures, quantization error and bits per pixel over a folder.
+(PSNR, SSIM, MSE for images; SI-SNR and log-mel distance for audio) plus the same codebook figures,
+quantization error and bits per pixel (images) or kbps (audio) over a folder.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import torch
 from . import data, plots, stats
 from .device import pick_device
 from .errors import TokenFileError, VqtokError
-from .evaluate import ImageEvaluator
+from .evaluate import AudioEvaluator, ImageEvaluator
 from .modelfile import load
-from .pipeline import find_token_files, image_batches
-from .tokfile import read_tokens
+from .nets import Tokenizer
+from .pipeline import find_token_files, image_batches, read_tokens_for_model
+
+# Images drawn by `eval --plot` (inputs above, reconstructions below).
+PLOT_ITEMS = 8
 
 
 @dataclass
@@ -67,7 +71,7 @@ def inspect_tokens(inputs: Sequence[Path], table: np.ndarray | None = None) -> I
                            counts=np.zeros((0, 0), np.int64))
     for path, _root in find_token_files(inputs):
         try:
-            tokens = read_tokens(path, table=table)
+            tokens = read_tokens_for_model(path, table)
         except TokenFileError as err:
             report.failed.append((str(path), str(err)))
             continue
@@ -96,7 +100,8 @@ def inspect_model(model_path: Path, inputs: Sequence[Path], *, device: str = "au
                   batch_size: int = 32) -> InspectReport:
     """Encode the files under `inputs` with the model (nothing written) and count its codes."""
     result = evaluate_model(model_path, inputs, device=device, batch_size=batch_size)
-    return InspectReport(source=", ".join(str(p) for p in inputs), files=int(result.metrics["images"]),
+    files = result.metrics["images"] if "images" in result.metrics else result.metrics["files"]
+    return InspectReport(source=", ".join(str(p) for p in inputs), files=int(files),
                          codebook_size=result.counts.shape[1], counts=result.counts, failed=result.failed)
 
 
@@ -110,27 +115,60 @@ class EvalReport:
         return {**self.metrics, "failed": [{"file": f, "error": e} for f, e in self.failed]}
 
 
-def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",
-                   batch_size: int = 32) -> EvalReport:
-    """PSNR / SSIM / MSE per image at its original size, usage, perplexity, quantization error, bits per pixel."""
+def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto", batch_size: int = 32,
+                   stages: int | None = None, plot: Path | None = None) -> EvalReport:
+    """Images: PSNR / SSIM / MSE per image at its original size, usage, perplexity, quantization error, bits
+    per pixel. Audio: SI-SNR and log-mel distance per file (at the model's rate), kbps, usage and perplexity
+    per stage, with the first `stages` stages only when given. `plot`: a PNG of the first file(s): inputs
+    above reconstructions (images) or the two log-mel spectrograms (audio)."""
     dev = pick_device(device)
     model = load(model_path, dev)
     modality, paths = data.find_inputs(list(inputs))
     if modality != model.config.modality:
         raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
+    if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
+        raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
     failed: list[tuple[str, str]] = []
+    if modality == "audio":
+        return _evaluate_audio(model, paths, dev, stages, plot, failed)
+    if stages is not None:
+        raise VqtokError("--stages applies to audio models; image models are scored with all their stages")
     evaluator = ImageEvaluator(model)
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
     for items, batch in image_batches(paths, model.hop, batch_size, lambda p, why: failed.append((str(p), why))):
         # Every image in a batch shares its padded shape but not always its original size: score each
         # image's own region so padding never counts.
         sizes = {size for _, size in items}
         x = batch.to(dev).float().div_(255.0)
         if len(sizes) == 1:
-            evaluator.add(x, sizes.pop())
+            recon = evaluator.add(x, sizes.pop())
         else:
-            for i, (_, size) in enumerate(items):
-                evaluator.add(x[i:i + 1], size)
+            recon = torch.cat([evaluator.add(x[i:i + 1], size) for i, (_, size) in enumerate(items)])
+        if first is None:
+            first = (x[:PLOT_ITEMS].cpu(), recon[:PLOT_ITEMS].cpu())
     if evaluator.images == 0:
+        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
+    if plot is not None and first is not None:
+        plots.reconstruction_grid(first[0], first[1], plot)
+    return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed)
+
+
+def _evaluate_audio(model: Tokenizer, paths: list[Path], dev: torch.device, stages: int | None,
+                    plot: Path | None, failed: list[tuple[str, str]]) -> EvalReport:
+    """Each file whole, mono at the model's rate (see AudioEvaluator)."""
+    evaluator = AudioEvaluator(model, stages)
+    rate = model.config.sample_rate
+    for path in paths:
+        try:
+            wave = data.load_audio(path, rate).to(dev)
+        except VqtokError as err:
+            failed.append((str(path), str(err)))
+            continue
+        recon = evaluator.add(wave)
+        if plot is not None and evaluator.files == 1:
+            plots.spectrogram_comparison(wave[0].cpu(), recon[0].cpu(), rate, plot,
+                                         title=f"{path.name}, {evaluator.stages} stages, {evaluator.kbps():.2f} kbps")
+    if evaluator.files == 0:
         raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
     return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed)
 

@@ -69,13 +69,15 @@ def train(
     train_config: TrainConfig,
     *,
     size: int | None = None,
+    sample_rate: int | None = None,
     resume: bool = False,
     on_progress: ProgressFn | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a tokenizer on the files under `inputs` and write the run directory `out`.
 
-    The modality comes from the files. `size` is the image training crop side (None: fits the data).
+    The modality comes from the files. `size` is the image training crop side (None: fits the data);
+    `sample_rate` the audio model's rate in Hz (None: the most common rate among the files).
     With `resume`, training continues from the newest checkpoint in `out` with the stored configs.
     """
     status = on_status or (lambda _msg: None)
@@ -94,7 +96,7 @@ def train(
     else:
         if run_file.exists():
             raise VqtokError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
-        model_config = _fit_model_config(model_config, modality, paths, size)
+        model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
     model_config.validate()
 
     torch.manual_seed(train_config.seed)
@@ -216,14 +218,18 @@ def evaluate_set(model: Tokenizer, val_set: TrainingSet, batch_size: int, device
     return result
 
 
-def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], size: int | None) -> ModelConfig:
+def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], size: int | None,
+                      sample_rate: int | None) -> ModelConfig:
     config = dataclasses.replace(config, modality=modality)
     if modality == "image":
         config.in_channels = 3
         config.image_size = size or data.default_image_size(paths, multiple=config.downsample)
     else:
+        from .audiosets import default_sample_rate
+
         config.in_channels = 1
         config.downsample = math.prod(config.audio_strides)
+        config.sample_rate = sample_rate or default_sample_rate(paths)
     return config
 
 
