@@ -11,6 +11,16 @@ from . import data, stats
 from .nets import Tokenizer
 
 
+def codebook_figures(usages: list[stats.CodeUsage], err: float, energy: float) -> dict[str, float]:
+    """usage and perplexity averaged over stages, dead codes summed, relative quantization error."""
+    return {
+        "usage": sum(u.usage for u in usages) / len(usages),
+        "perplexity": sum(u.perplexity for u in usages) / len(usages),
+        "dead_codes": float(sum(u.dead for u in usages)),
+        "quant_error": err / max(energy, 1e-12),
+    }
+
+
 class ImageEvaluator:
     """Feeds images through a tokenizer and accumulates PSNR, SSIM, MSE (per image, on the original pixels),
     code counts per stage, relative quantization error and bits per pixel."""
@@ -55,10 +65,7 @@ class ImageEvaluator:
         n = max(self.images, 1)
         out = {k: v / n for k, v in self.sums.items()}
         usages = [stats.code_usage(c) for c in self.counts]
-        out["usage"] = sum(u.usage for u in usages) / len(usages)
-        out["perplexity"] = sum(u.perplexity for u in usages) / len(usages)
-        out["dead_codes"] = float(sum(u.dead for u in usages))
-        out["quant_error"] = self.err / max(self.energy, 1e-12)
+        out.update(codebook_figures(usages, self.err, self.energy))
         out["images"] = float(self.images)
         return out
 
@@ -113,10 +120,7 @@ class AudioEvaluator:
         out = {k: v / n for k, v in self.sums.items()}
         out["kbps"] = self.kbps()
         usages = [stats.code_usage(c) for c in self.counts]
-        out["usage"] = sum(u.usage for u in usages) / len(usages)
-        out["perplexity"] = sum(u.perplexity for u in usages) / len(usages)
-        out["dead_codes"] = float(sum(u.dead for u in usages))
-        out["quant_error"] = self.err / max(self.energy, 1e-12)
+        out.update(codebook_figures(usages, self.err, self.energy))
         out["files"] = float(self.files)
         out["audio_seconds"] = self.samples / self.model.config.sample_rate
         for s, u in enumerate(usages):

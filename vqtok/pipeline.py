@@ -63,6 +63,19 @@ def code_table(model: Tokenizer) -> np.ndarray:
     return np.maximum(model.quantizer.code_counts().cpu().numpy().astype(np.int64), 1)
 
 
+def load_for_inputs(model_path: Path, inputs: Sequence[Path], device: torch.device,
+                    stages: int | None = None) -> tuple[Tokenizer, str, list[Path]]:
+    """Load the model and find the input files, checking they suit each other: same modality, and
+    `stages` (when given) within the model's residual stages."""
+    model = load(model_path, device)
+    modality, paths = data.find_inputs(list(inputs))
+    if modality != model.config.modality:
+        raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
+    if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
+        raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
+    return model, modality, paths
+
+
 def encode_files(
     model_path: Path,
     inputs: Sequence[Path],
@@ -89,12 +102,7 @@ def encode_files(
     """
     begin = time.perf_counter()
     dev = pick_device(device)
-    model = load(model_path, dev)
-    modality, paths = data.find_inputs(list(inputs))
-    if modality != model.config.modality:
-        raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
-    if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
-        raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
+    model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     if channels not in ("mono", "keep"):
         raise VqtokError(f"--channels must be mono or keep, got {channels!r}")
     if chunk_seconds is not None and chunk_seconds <= 0:

@@ -20,9 +20,8 @@ from . import data, plots, stats
 from .device import pick_device
 from .errors import TokenFileError, VqtokError
 from .evaluate import AudioEvaluator, ImageEvaluator
-from .modelfile import load
 from .nets import Tokenizer
-from .pipeline import find_token_files, image_batches, read_tokens_for_model
+from .pipeline import load_for_inputs, find_token_files, image_batches, read_tokens_for_model
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
@@ -122,12 +121,7 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
     per stage, with the first `stages` stages only when given. `plot`: a PNG of the first file(s): inputs
     above reconstructions (images) or the two log-mel spectrograms (audio)."""
     dev = pick_device(device)
-    model = load(model_path, dev)
-    modality, paths = data.find_inputs(list(inputs))
-    if modality != model.config.modality:
-        raise VqtokError(f"{model_path} is an {model.config.modality} model but the inputs are {modality} files")
-    if stages is not None and not 1 <= stages <= model.config.quantizer.stages:
-        raise VqtokError(f"--stages must be between 1 and {model.config.quantizer.stages} for {model_path}")
+    model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     failed: list[tuple[str, str]] = []
     if modality == "audio":
         return _evaluate_audio(model, paths, dev, stages, plot, failed)
