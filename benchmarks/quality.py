@@ -39,7 +39,8 @@ DATASETS = {
     "mnist": ("mnist/train", "mnist/test", 512, None),
     "cifar10": ("cifar10/train", "cifar10/test", 1024, 1000),
 }
-PLAIN = dict(estimator="ste", codebook_update="loss", affine="off", sync_nu=0.0, alternate=False,
+# The VQ-VAE paper's quantizer: straight-through, codebook loss, beta 0.25, random init, no upkeep.
+PLAIN = dict(estimator="ste", codebook_update="loss", beta=0.25, affine="off", sync_nu=0.0, alternate=False,
              kmeans_init=False, dead_code_steps=0)
 ROWS: dict[str, dict[str, Any]] = {
     "ste": PLAIN,
@@ -47,10 +48,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "rotation": {**PLAIN, "estimator": "rotation"},
     "affine+sync+alternate": {**PLAIN, "affine": "learned", "sync_nu": 0.2, "alternate": True},
     "rotation+affine+sync": {**PLAIN, "estimator": "rotation", "affine": "learned", "sync_nu": 0.2},
-    "rotation+ema+upkeep": {"estimator": "rotation", "codebook_update": "ema", "affine": "off", "sync_nu": 0.0},
-    "rotation+ema+affine+sync+upkeep": {"estimator": "rotation", "codebook_update": "ema", "affine": "learned",
-                                         "sync_nu": 0.2},
-    "best": {},  # vqtok's defaults: the winning combination, with k-means++ init and dead-code restarts
+    # vqtok's defaults, the winning combination: rotation trick, EMA codebook (decay 0.99), commitment weight 2,
+    # k-means++ init, restart of codes unused for 2 steps.
+    "best": {},
+    "best+affine+sync": {"affine": "learned", "sync_nu": 0.2},
     "peer-default": {"peer": {}},
     "peer-best": {"peer": {"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.99}},
 }

@@ -16,7 +16,8 @@ from vqtok.search import nearest
 
 
 def make(seed: int = 0, **overrides) -> ResidualVQ:
-    base = dict(dim=8, codebook_size=16, estimator="ste", affine="off", sync_nu=0.0, kmeans_init=False,
+    base = dict(dim=8, codebook_size=16, estimator="ste", codebook_update="loss", beta=0.25, affine="off",
+                sync_nu=0.0, kmeans_init=False,
                 dead_code_steps=0)
     torch.manual_seed(seed)
     return ResidualVQ(QuantizerConfig(**(base | overrides)))

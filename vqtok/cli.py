@@ -42,7 +42,11 @@ _T = TrainConfig()
 # codes (4 kbps at 16 kHz, 50 frames/s) trained with stage dropout so the first 1, 2, 4... stages decode
 # on their own at lower bitrates.
 _AUDIO: dict[str, Any] = {"batch_size": 8, "channels": 64, "res_blocks": 1, "codebook_size": 1024, "stages": 8,
-                          "stage_dropout": 0.5, "segment_seconds": 0.25}
+                          "stage_dropout": 0.5, "segment_seconds": 0.25,
+                          # The audio figures in benchmarks/README.md were measured with the loss-trained,
+                          # affine + synchronized-commitment codebooks; the image defaults differ.
+                          "codebook_update": "loss", "beta": 0.25, "affine": "learned", "sync_nu": 0.2,
+                          "dead_code_steps": 100}
 
 
 class Estimator(str, Enum):
@@ -146,18 +150,18 @@ def train(
     stages: Annotated[Optional[int], typer.Option(help=f"Residual quantizer stages (codebooks) (default: {_Q.stages} images, {_AUDIO['stages']} audio).")] = None,
     stage_dropout: Annotated[Optional[float], typer.Option(help=f"Probability that a training step uses only a random prefix of the stages, so one model serves several bitrates (encode --stages N) (default: {_AUDIO['stage_dropout']} for audio with several stages, else 0).")] = None,
     estimator: Annotated[Estimator, typer.Option(help="Gradient estimator: ste (VQ-VAE) or rotation (Fifty et al. 2024).")] = Estimator(_Q.estimator),
-    codebook_update: Annotated[CodebookUpdate, typer.Option(help="Codebook learning: loss (codebook loss) or ema.")] = CodebookUpdate(_Q.codebook_update),
+    codebook_update: Annotated[Optional[CodebookUpdate], typer.Option(help=f"Codebook learning: loss (codebook loss) or ema (default: {_Q.codebook_update} images, {_AUDIO['codebook_update']} audio).")] = None,
     codebook_weight: Annotated[float, typer.Option(help="Weight of the codebook loss ||sg(z) - q||^2.")] = _Q.codebook_weight,
-    beta: Annotated[float, typer.Option(help="Weight of the commitment loss ||z - sg(q)||^2.")] = _Q.beta,
+    beta: Annotated[Optional[float], typer.Option(help=f"Weight of the commitment loss ||z - sg(q)||^2 (default: {_Q.beta} images, {_AUDIO['beta']} audio).")] = None,
     ema_decay: Annotated[float, typer.Option(help="Decay of the EMA codebook statistics.")] = _Q.ema_decay,
-    affine: Annotated[Affine, typer.Option(help="Affine codebook re-parameterization (Huh et al. 2023): off, learned or stats.")] = Affine(_Q.affine),
+    affine: Annotated[Optional[Affine], typer.Option(help=f"Affine codebook re-parameterization (Huh et al. 2023): off, learned or stats (default: {_Q.affine} images, {_AUDIO['affine']} audio).")] = None,
     affine_groups: Annotated[int, typer.Option(help="Code groups with their own affine parameters.")] = _Q.affine_groups,
     affine_lr_mult: Annotated[float, typer.Option(help="Learning-rate multiplier of the affine parameters.")] = _Q.affine_lr_mult,
-    sync_nu: Annotated[float, typer.Option(help="Synchronized commitment weight nu (0 = off).")] = _Q.sync_nu,
+    sync_nu: Annotated[Optional[float], typer.Option(help=f"Synchronized commitment weight nu, 0 = off (default: {_Q.sync_nu} images, {_AUDIO['sync_nu']} audio).")] = None,
     alternate: Annotated[bool, typer.Option(help="Alternating optimization: an inner codebook step before each encoder update.")] = _Q.alternate,
     alternate_lr: Annotated[float, typer.Option(help="Learning rate of the inner codebook optimizer.")] = _Q.alternate_lr,
     kmeans_init: Annotated[bool, typer.Option(help="k-means++ codebook initialisation from the first batch.")] = _Q.kmeans_init,
-    dead_code_steps: Annotated[int, typer.Option(help="Re-seed codes unused for this many steps (0 = never).")] = _Q.dead_code_steps,
+    dead_code_steps: Annotated[Optional[int], typer.Option(help=f"Re-seed codes unused for this many steps, 0 = never (default: {_Q.dead_code_steps} images, {_AUDIO['dead_code_steps']} audio).")] = None,
     cosine: Annotated[bool, typer.Option(help="Cosine codebook: l2-normalised codes and inputs.")] = _Q.cosine,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
@@ -182,9 +186,12 @@ def train(
     quantizer = QuantizerConfig(
         dim=code_dim, codebook_size=pick(codebook_size, _Q.codebook_size, "codebook_size"), stages=stages,
         stage_dropout=stage_dropout, estimator=estimator.value,
-        codebook_update=codebook_update.value, codebook_weight=codebook_weight, beta=beta, ema_decay=ema_decay,
-        affine=affine.value, affine_groups=affine_groups, affine_lr_mult=affine_lr_mult, sync_nu=sync_nu,
-        alternate=alternate, alternate_lr=alternate_lr, kmeans_init=kmeans_init, dead_code_steps=dead_code_steps,
+        codebook_update=codebook_update.value if codebook_update else pick(None, _Q.codebook_update, "codebook_update"),
+        codebook_weight=codebook_weight, beta=pick(beta, _Q.beta, "beta"), ema_decay=ema_decay,
+        affine=affine.value if affine else pick(None, _Q.affine, "affine"), affine_groups=affine_groups,
+        affine_lr_mult=affine_lr_mult, sync_nu=pick(sync_nu, _Q.sync_nu, "sync_nu"), alternate=alternate,
+        alternate_lr=alternate_lr, kmeans_init=kmeans_init,
+        dead_code_steps=pick(dead_code_steps, _Q.dead_code_steps, "dead_code_steps"),
         cosine=cosine,
     )
     model_config = ModelConfig(channels=pick(channels, _M.channels, "channels"), downsample=downsample,

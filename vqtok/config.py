@@ -36,19 +36,19 @@ class QuantizerConfig:
     codebook_size: int = 512
     stages: int = 1
     estimator: Literal["ste", "rotation"] = "rotation"
-    codebook_update: Literal["loss", "ema"] = "loss"
+    codebook_update: Literal["loss", "ema"] = "ema"
     codebook_weight: float = 1.0
-    beta: float = 0.25
+    beta: float = 2.0
     ema_decay: float = 0.99
-    affine: Literal["off", "learned", "stats"] = "learned"
+    affine: Literal["off", "learned", "stats"] = "off"
     affine_groups: int = 1
     affine_lr_mult: float = 1.0
     affine_decay: float = 0.99
-    sync_nu: float = 0.2
+    sync_nu: float = 0.0
     alternate: bool = False
     alternate_lr: float = 1e-3
     kmeans_init: bool = True
-    dead_code_steps: int = 100
+    dead_code_steps: int = 2
     cosine: bool = False
     usage_window: int = 100
     stage_dropout: float = 0.0
@@ -83,10 +83,10 @@ class ModelConfig:
 
     modality: Modality = "image"
     in_channels: int = 3
-    channels: int = 128
+    channels: int = 64
     downsample: int = 4
     res_blocks: int = 2
-    res_channels: int = 64
+    res_channels: int = 32
     image_size: int = 32
     sample_rate: int = 16000
     audio_strides: tuple[int, ...] = (2, 4, 5, 8)
