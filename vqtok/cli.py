@@ -227,12 +227,7 @@ def train(
                      "steps_per_second": result.steps_per_second, "train_files": result.train_files,
                      "val_files": result.val_files, "skipped": len(result.skipped), "validation": result.final})
         return
-    table = Table(title=f"validation ({result.val_files} files)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.final.items():
-        table.add_row(key, f"{value:.4g}")
-    out.print(table)
+    _print_metrics(f"validation ({result.val_files} files)", result.final)
     out.print(f"model: {result.model_path}  ({result.steps_per_second:.1f} steps/s, {result.seconds:.0f} s)")
 
 
@@ -277,6 +272,15 @@ def decode(
     with _user_errors(), _file_progress("decoding") as on_file:
         report = decode_files(model, tokens, out, force=force, device=device, on_file=on_file)
     _finish_run(report, "decoded", json_out)
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}")
+    out.print(table)
 
 
 @contextlib.contextmanager
@@ -370,12 +374,7 @@ def evaluate(
     if json_out:
         _print_json(result.to_dict())
         return
-    table = Table(title=f"eval: {', '.join(str(d) for d in data)}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.metrics.items():
-        table.add_row(key, f"{value:.4g}")
-    out.print(table)
+    _print_metrics(f"eval: {', '.join(str(d) for d in data)}", result.metrics)
     if plot:
         out.print(f"plot: {plot}")
 

@@ -3,8 +3,8 @@
 A run directory holds:
   run.json            configs, seed, data summary, vqtok version (written once, checked on --resume)
   metrics.jsonl       one JSON object per logged step ("split": "train") and per validation ("split": "val")
-  checkpoints/        step_XXXXXXX.safetensors: model + optimizer + RNG state (the last few are kept)
-  previews/           step_XXXXXXX.png: validation inputs above, reconstructions below
+  checkpoints/        step_NNNNNNN.safetensors: model + optimizer + RNG state (the last few are kept)
+  previews/           step_NNNNNNN.png: validation inputs above, reconstructions below
   model.safetensors   the final model (weights + config), what encode/decode/eval take
 """
 
