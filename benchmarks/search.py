@@ -12,11 +12,11 @@ Results go to benchmarks/results/search.json (written atomically).
 
 from __future__ import annotations
 
+
 import argparse
 import json
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vqtok.atomic import write_bytes_atomic  # noqa: E402
 from vqtok.search import FAISS_MIN_ROWS, nearest  # noqa: E402
+from timing import best_seconds  # noqa: E402  (benchmarks/timing.py; the script folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search.json"
 
@@ -33,17 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "search.json"
 def naive(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The baseline: the whole N x K matrix of ||c||^2 - 2 x.c at once, then argmin (N,) int64."""
     return torch.addmm(codebook.pow(2).sum(1), x, codebook.t(), alpha=-2.0).argmin(1)
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` timed calls, after one untimed warm-up call, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def timing(backend: str, n: int, k: int, d: int, sec: float) -> dict:

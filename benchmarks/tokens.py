@@ -27,6 +27,7 @@ benchmarks/results/tokens.json (written atomically).
 
 from __future__ import annotations
 
+
 import argparse
 import json
 import math
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from vqtok.tokfile import (  # noqa: E402
     entropy_precision,
     normalize_table,
 )
+from timing import best_seconds  # noqa: E402  (benchmarks/timing.py; the script folder is on sys.path)
 
 DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "runs" / "bench-tokens"
@@ -122,16 +124,6 @@ def tokenize(model_file: Path, test_dir: Path, limit: int | None, batch_size: in
     seconds = time.perf_counter() - begin
     return {"items": items, "table": code_table(model), "codebook_size": model.config.quantizer.codebook_size,
             "seconds": seconds}
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` timed calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def file_parts(blob: bytes) -> tuple[int, int]:

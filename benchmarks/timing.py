@@ -1,0 +1,17 @@
+"""Timing shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls, after one untimed warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
