@@ -7,7 +7,7 @@ Layout (docs/FORMAT.md has the full description and the rules a reader enforces)
 All integers are little-endian; the CRC32 covers every byte before it. Two payload codecs:
 
 - "packed": the codes of all stages, stage by stage in C order, at ceil(log2 K) bits each, LSB first.
-- "entropy": a static rANS coder on integer frequency tables (one per stage), either the model's code
+- "entropy": a range coder (`rangecoder.py`) on static integer frequency tables (one per stage), either the model's code
   frequencies (the caller passes them to reader and writer) or per-file counts stored in the payload.
   Tables are normalised with integer arithmetic only, so a file decodes identically on every platform.
 
@@ -23,14 +23,13 @@ import json
 import os
 import struct
 import zlib
-from array import array
-from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from . import rangecoder
 from .atomic import write_bytes_atomic
 from .errors import TokenFileError
 
@@ -48,19 +47,14 @@ FORMAT_KEYS = ("codec", "codebook_size", "stages", "grid")
 # packed file never carries a stale table checksum.
 CODEC_KEYS = ("precision", "table", "table_crc")
 
-# rANS parameters. The state x lives in [2^32, 2^64) and leaves the coder 32 bits at a time; frequencies
-# sum to 2^precision with precision in [12, 24], so x / f >= 2^8 at every step (see _max_symbols).
-_RANS_L = 1 << 32
-_WORD_MASK = (1 << 32) - 1
+# Frequency tables sum to 2^precision.
 _MIN_PRECISION = 12
 _MAX_PRECISION = 24
 # A symbol may take at most 31/32 of a table: every symbol then costs >= log2(32/31) = 0.046 bits, which
-# bounds how many codes a payload of a given size can hold (see _max_symbols).
+# bounds how many codes a payload of a given size can hold (see rangecoder.max_codes).
 _CAP_DIVISOR = 32
 # payload_len is a u32.
 _MAX_PAYLOAD_BYTES = (1 << 32) - 1
-# Tables up to this many codes are coded from Python lists, larger ones from int64 arrays (see _freq_cum).
-_LIST_TABLE_MAX = 4096
 # Codes per chunk in bit (un)packing: bounds the (chunk, 32) bit matrix to 8 MiB.
 _PACK_CHUNK = 1 << 18
 
@@ -203,12 +197,12 @@ def encode_tokens(
             freqs = normalize_table(table, precision)
             fields["table"] = "model"
             fields["table_crc"] = _table_crc(freqs)
-            payload = _rans_encode(flat, [(None, row) for row in freqs], precision)
+            payload = _entropy_encode(flat, [(None, row) for row in freqs], precision)
         else:
             fields["table"] = "file"
             sparse = [np.unique(row, return_counts=True) for row in flat]
             tables = [_file_table(syms, counts, precision) for syms, counts in sparse]
-            payload = _encode_counts(sparse) + _rans_encode(flat, tables, precision)
+            payload = _encode_counts(sparse) + _entropy_encode(flat, tables, precision)
     full = {**{key: value for key, value in header.items() if key not in CODEC_KEYS}, **fields}
     head = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     if len(head) > MAX_HEADER_BYTES:
@@ -378,16 +372,6 @@ def _table_crc(freqs: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(freqs, dtype="<i4"))
 
 
-def _max_symbols(coded_bytes: int) -> int:
-    """The most codes a rANS stream of `coded_bytes` bytes can hold, so a reader can refuse a larger claim.
-
-    Each code grows log2(x) by >= log2(32/31) - log2(256/255) (the frequency cap, less the rounding of
-    x // f with x / f >= 2^8), each 32-bit output word loses <= log2(256/255) beyond its 32 bits, and the
-    coder starts at log2(x) = 32: 0.0345 * n <= 8 * coded_bytes - 32, so n < 29 * 8 * coded_bytes.
-    """
-    return 29 * 8 * coded_bytes
-
-
 def _file_table(syms: np.ndarray, counts: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
     """The coding table of one stage from its sparse counts: (codes (m,), frequencies (m,)), m >= 2.
 
@@ -403,47 +387,16 @@ def _file_table(syms: np.ndarray, counts: np.ndarray, precision: int) -> tuple[n
     return syms.astype(np.int64), _normalize_row(counts.astype(np.int64), 1 << precision, floor_all=False)
 
 
-def _freq_cum(freqs: np.ndarray) -> tuple[Sequence[int], Sequence[int]]:
-    """(frequencies (m,), cumulative frequencies (m+1,)) for the coding loops: Python lists, the quickest
-    to index, up to 4096 entries; above that flat int64 arrays, ~30% slower to index but built by a copy
-    instead of one object per entry, and 8 bytes an entry instead of ~36 (a K = 2^20 table takes 16 MB)."""
-    cum = np.zeros(len(freqs) + 1, dtype=np.int64)
-    np.cumsum(freqs, out=cum[1:])
-    if len(freqs) <= _LIST_TABLE_MAX:
-        return freqs.tolist(), cum.tolist()
-    freq_arr, cum_arr = array("q"), array("q")
-    freq_arr.frombytes(np.ascontiguousarray(freqs, dtype=np.int64).view(np.uint8))
-    cum_arr.frombytes(cum.view(np.uint8))
-    return freq_arr, cum_arr
-
-
-def _rans_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int) -> bytes:
-    """rANS-code int64 codes (S, n); stage s uses tables[s] = (codes or None for 0..K-1, frequencies), whose
-    frequencies sum to 2^precision.
-
-    Returns the final 64-bit state followed by the 32-bit words in the order the decoder reads them.
-    """
-    words: list[int] = []
-    x = _RANS_L
-    renorm_shift = 64 - precision
-    for stage in range(flat.shape[0] - 1, -1, -1):
-        syms, freqs = tables[stage]
-        row = flat[stage] if syms is None else np.searchsorted(syms, flat[stage])
-        freq, cum = _freq_cum(freqs)
-        for j in reversed(row.tolist()):
-            f = freq[j]
-            if x >= f << renorm_shift:
-                words.append(x & _WORD_MASK)
-                x >>= 32
-            q, r = divmod(x, f)
-            x = (q << precision) + r + cum[j]
-    words.reverse()
-    return struct.pack("<Q", x) + np.asarray(words, dtype="<u4").tobytes()
+def _entropy_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int) -> bytes:
+    """Range-code int64 codes (S, n); stage s uses tables[s] = (codes or None for 0..K-1, frequencies), whose
+    frequencies sum to 2^precision."""
+    rows = [(row if syms is None else np.searchsorted(syms, row)).tolist() for row, (syms, _) in zip(flat, tables)]
+    return rangecoder.encode(rows, (rangecoder.freq_cum(f) for _, f in tables), precision)
 
 
 def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n: int, k: int,
                     table: np.ndarray | None, fail) -> np.ndarray:
-    """Decode an entropy payload into int64 codes (stages * n,), checking tables, sizes and the final state."""
+    """Decode an entropy payload into int64 codes (stages * n,), checking tables, sizes and the end of the stream."""
     precision = header.get("precision")
     if not _is_int(precision) or not _MIN_PRECISION <= precision <= _MAX_PRECISION or k > 1 << precision:
         raise fail(f"entropy precision {precision!r} is not an integer in [{_MIN_PRECISION}, {_MAX_PRECISION}] fitting K={k}")
@@ -455,9 +408,7 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
     else:
         raise fail(f"unknown entropy table {kind!r}")
     coded = payload[offset:]
-    if len(coded) < 8 or len(coded) % 4:
-        raise fail(f"entropy stream of {len(coded)} bytes is not a 64-bit state plus 32-bit words")
-    if stages * n > _max_symbols(len(coded)):
+    if stages * n > rangecoder.max_codes(len(coded)):
         raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
     if kind == "model":
         if table is None:
@@ -475,45 +426,13 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
         tables = [(None, row) for row in freqs]
     else:
         tables = [_file_table(syms, counts, precision) for syms, counts in sparse]
-    out = _rans_decode(coded, tables, precision, stages, n, fail)
+    rows = rangecoder.decode(coded, (rangecoder.freq_cum(f) for _, f in tables), precision, n, fail)
+    out = np.concatenate([row if syms is None else syms[row] for (syms, _), row in zip(tables, rows)])
     if sparse is not None:
         for stage, (syms, counts) in enumerate(sparse):
             found, found_counts = np.unique(out[stage * n : (stage + 1) * n], return_counts=True)
             if not (np.array_equal(found, syms) and np.array_equal(found_counts, counts)):
                 raise fail(f"decoded codes of stage {stage} do not match the stored counts")
-    return out
-
-
-def _rans_decode(coded: memoryview, tables: list[tuple[np.ndarray | None, np.ndarray]], precision: int,
-                 stages: int, n: int, fail) -> np.ndarray:
-    """Inverse of `_rans_encode`: int64 codes (stages * n,). Refuses a stream that is not used up exactly."""
-    (x,) = struct.unpack_from("<Q", coded, 0)
-    if x < _RANS_L:
-        raise fail("corrupt entropy stream (bad initial state)")
-    words = np.frombuffer(coded[8:], dtype="<u4").tolist()
-    pos, n_words = 0, len(words)
-    mask = (1 << precision) - 1
-    out = np.empty(stages * n, dtype=np.int64)
-    for stage in range(stages):
-        syms, freqs = tables[stage]
-        freq, cum = _freq_cum(freqs)
-        decoded = []
-        append = decoded.append
-        for _ in range(n):
-            slot = x & mask
-            # Codes of frequency 0 have an empty slot range; bisect_right lands past them.
-            j = bisect_right(cum, slot) - 1
-            append(j)
-            x = freq[j] * (x >> precision) + slot - cum[j]
-            if x < _RANS_L:
-                if pos == n_words:
-                    raise fail("corrupt entropy stream (ran out of data)")
-                x = (x << 32) | words[pos]
-                pos += 1
-        row = np.asarray(decoded, dtype=np.int64)
-        out[stage * n : (stage + 1) * n] = row if syms is None else syms[row]
-    if pos != n_words or x != _RANS_L:
-        raise fail("corrupt entropy stream (does not end where it should)")
     return out
 
 
