@@ -15,6 +15,7 @@ a benchmark extra, never a vqtok dependency) in the quantizer's place. Prints a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,7 +55,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "best+affine+sync": {"affine": "learned", "sync_nu": 0.2},
     "peer-default": {"peer": {}},
     "peer-best": {"peer": {"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.99}},
+    # vqtok's default trained for as long as the peer's best row took (more steps: vqtok's steps are faster).
+    "best@peer-time": {"match_time_of": "peer-best"},
 }
+# Row keys that are not quantizer settings.
+HARNESS_KEYS = ("peer", "match_time_of")
 
 
 class PeerOutput(NamedTuple):
@@ -99,7 +104,8 @@ class PeerQuantizer(nn.Module):
 
 
 def build_model(row: dict[str, Any], codebook_size: int, size: int) -> Tokenizer:
-    quantizer = QuantizerConfig(dim=64, codebook_size=codebook_size, **{k: v for k, v in row.items() if k != "peer"})
+    quantizer = QuantizerConfig(dim=64, codebook_size=codebook_size,
+                                **{k: v for k, v in row.items() if k not in HARNESS_KEYS})
     model = Tokenizer(ModelConfig(image_size=size, quantizer=quantizer))
     if "peer" in row:
         model.quantizer = PeerQuantizer(quantizer, **row["peer"])
@@ -135,7 +141,7 @@ def run_row(name: str, train_images: torch.Tensor, test_images: torch.Tensor, co
     m = evaluator.result()
     return {"row": name, "mse": m["mse"], "psnr": m["psnr"], "ssim": m["ssim"], "usage_pct": 100 * m["usage"],
             "perplexity": m["perplexity"], "quant_error": m["quant_error"], "steps_per_s": config.steps / seconds,
-            "train_seconds": seconds, "config": {k: v for k, v in ROWS[name].items()}}
+            "steps": config.steps, "train_seconds": seconds, "config": {k: v for k, v in ROWS[name].items()}}
 
 
 def main() -> None:
@@ -164,14 +170,23 @@ def main() -> None:
                 row[key] = json.loads(value)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     results = []
-    header = f"{'row':24} {'MSE':>9} {'PSNR dB':>8} {'SSIM':>6} {'usage %':>8} {'perplexity':>10} {'q.err':>7} {'steps/s':>8}"
+    header = f"{'row':24} {'steps':>6} {'MSE':>9} {'PSNR dB':>8} {'SSIM':>6} {'usage %':>8} {'perplexity':>10} {'q.err':>7} {'steps/s':>8}"
     print(f"{args.dataset}: {len(train_images)} train / {len(test_images)} test images, K={codebook_size}, "
           f"{args.steps} steps x batch {args.batch_size}, torch threads {torch.get_num_threads()}")
     print(header)
+    done: dict[str, dict[str, Any]] = {}
     for name in args.rows.split(","):
-        r = run_row(name, train_images, test_images, codebook_size, config)
+        row_config = config
+        if "match_time_of" in ROWS[name]:
+            ref, own = ROWS[name]["match_time_of"], "best"
+            if ref not in done or own not in done:
+                sys.exit(f"row {name} needs rows {ref} and {own} earlier in --rows")
+            steps = round(config.steps * done[ref]["train_seconds"] / done[own]["train_seconds"])
+            row_config = dataclasses.replace(config, steps=steps)
+        r = run_row(name, train_images, test_images, codebook_size, row_config)
+        done[name] = r
         results.append(r)
-        print(f"{r['row']:24} {r['mse']:9.5f} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['usage_pct']:8.1f} "
+        print(f"{r['row']:24} {r['steps']:6d} {r['mse']:9.5f} {r['psnr']:8.2f} {r['ssim']:6.3f} {r['usage_pct']:8.1f} "
               f"{r['perplexity']:10.1f} {r['quant_error']:7.3f} {r['steps_per_s']:8.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size,
