@@ -7,8 +7,8 @@ the division rng // M never truncates more than 2^-32 of the interval. At the en
 
 Why not rANS or constriction: a token file holds only 49-64 codes (~400 bits of information), so the flush
 dominates. rANS must write its whole final state (4-8 bytes); constriction's coders write 32-bit words
-(~1.05x the information on 49 codes). This coder's flush averages about half a byte, which puts a 7x7 file
-within ~1.5% of the cross-entropy. Everything is Python integer arithmetic, identical on every platform.
+(~1.04x the information on 49 codes). This coder's stream is less than one byte longer than its information,
+which puts a 7x7 file within 1% of the cross-entropy (benchmarks/tokens.py). Everything is Python integer arithmetic, identical on every platform.
 
 A stream is canonical: the decoder tracks the encoder's state, and refuses a stream whose length or final
 bytes differ from what the encoder would have written for the codes it decoded.
@@ -28,16 +28,17 @@ _BOTTOM = 1 << 56  # emit a byte whenever the interval is narrower than this
 _LIST_TABLE_MAX = 4096
 
 # A table gives no code more than 31/32 of M, so every code narrows the interval by at least log2(32/31) bits.
-_MIN_BITS_PER_CODE = 0.0458
+_MIN_BITS_PER_CODE = 0.0458  # < log2(32/31) = 0.04580
 
 
 def max_codes(stream_bytes: int) -> int:
     """The most codes a stream of `stream_bytes` bytes can hold, so a reader can refuse a larger claim first.
 
-    n codes narrow the interval from 2^64 by at least 2^(0.0458 n); E renormalisation bytes widen it back by
-    2^(8 E) and it ends at >= 2^56, so 0.0458 n <= 8 E + 8 with E <= stream_bytes: n <= 176 (stream_bytes + 1).
+    n codes narrow the interval from 2^64 by a factor of at least 2^(0.0458 n); E renormalisation bytes widen
+    it back by 2^(8 E) and it ends at >= 2^56, so 0.0458 n <= 8 E + 8 with E <= stream_bytes: about
+    174.7 (stream_bytes + 1) codes.
     """
-    return 176 * (stream_bytes + 1)
+    return int(8 * (stream_bytes + 1) / _MIN_BITS_PER_CODE)
 
 
 def encode(rows: Iterable[Sequence[int]], tables: Iterable[tuple[Sequence[int], Sequence[int]]],
