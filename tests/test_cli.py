@@ -90,7 +90,7 @@ def test_encode_skips_bad_files_and_existing_outputs(model_path: Path, images: P
     (src / "zero.png").write_bytes(b"")
     (src / "text.jpg").write_text("hello")
     result = invoke("encode", model_path, src, "--out", tmp_path / "t", "--json")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # the good files are all written; the exit code tells scripts some were not
     report = json.loads(result.stdout)
     assert report["written"] == 60 and len(report["failed"]) == 2
     assert "zero.png" in result.stderr and "text.jpg" in result.stderr
@@ -208,7 +208,7 @@ def test_entropy_codec_round_trips(model_path: Path, images: Path, tmp_path: Pat
 def test_inspect_entropy_coded_tokens_needs_the_model(model_path: Path, images: Path, tmp_path: Path) -> None:
     assert invoke("encode", model_path, images, "--out", tmp_path / "e", "--codec", "entropy").exit_code == 0
     without = invoke("inspect", tmp_path / "e")
-    assert without.exit_code == 1 and "table" in without.stderr
+    assert without.exit_code == 1 and "--model" in without.stderr
     with_model = invoke("inspect", tmp_path / "e", "--model", model_path, "--json")
     assert with_model.exit_code == 0 and json.loads(with_model.stdout)["tokens"] == 60 * 49
 
@@ -220,3 +220,17 @@ def test_eval_plot_draws_the_first_images(model_path: Path, images: Path, tmp_pa
     assert picture.width > 28 and picture.height > 56
     staged = invoke("eval", model_path, images, "--stages", "1")
     assert staged.exit_code == 1 and "audio" in staged.stderr
+
+
+def test_folder_runs_skip_a_damaged_token_file_and_exit_1(model_path: Path, images: Path, tmp_path: Path) -> None:
+    assert invoke("encode", model_path, images, "--out", tmp_path / "e", "--codec", "entropy").exit_code == 0
+    damaged = sorted((tmp_path / "e").rglob("*.vqt"))[3]
+    data = bytearray(damaged.read_bytes())
+    data[-6] ^= 0x01  # a payload bit: the CRC catches it
+    damaged.write_bytes(bytes(data))
+    for args in (("decode", model_path, tmp_path / "e", "--out", tmp_path / "r"),
+                 ("inspect", tmp_path / "e", "--model", model_path)):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert f"{damaged.name}: checksum mismatch" in result.stderr.replace("\n", "")
+    assert len(list((tmp_path / "r").rglob("*.png"))) == 59

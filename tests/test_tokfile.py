@@ -196,7 +196,7 @@ def test_model_table_must_be_given_and_must_match():
     table = rng.integers(0, 100, size=(2, 64))
     data = encode_tokens(codes, HEADER, codebook_size=64, codec="entropy", table=table)
     assert _split(data)[0]["table"] == "model"
-    with pytest.raises(TokenFileError, match="pass the model's table"):
+    with pytest.raises(TokenFileError, match="read it with its model"):
         decode_tokens(data)
     with pytest.raises(TokenFileError, match=r"shape \(1, 64\)"):
         decode_tokens(data, table=table[:1])

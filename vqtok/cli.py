@@ -118,6 +118,12 @@ def _report_failures(failed: list[tuple[str, str]]) -> None:
         err.print(f"[yellow]{len(failed)} file(s) skipped[/yellow]")
 
 
+def _exit_if_skipped(failed: list[tuple[str, str]]) -> None:
+    """Exit code 1 once everything else is done and reported, so scripts notice skipped inputs."""
+    if failed:
+        raise typer.Exit(1)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -226,9 +232,10 @@ def train(
         _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,
                      "steps_per_second": result.steps_per_second, "train_files": result.train_files,
                      "val_files": result.val_files, "skipped": len(result.skipped), "validation": result.final})
-        return
-    _print_metrics(f"validation ({result.val_files} files)", result.final)
-    out.print(f"model: {result.model_path}  ({result.steps_per_second:.1f} steps/s, {result.seconds:.0f} s)")
+    else:
+        _print_metrics(f"validation ({result.val_files} files)", result.final)
+        out.print(f"model: {result.model_path}  ({result.steps_per_second:.1f} steps/s, {result.seconds:.0f} s)")
+    _exit_if_skipped(result.skipped)
 
 
 @app.command()
@@ -300,8 +307,7 @@ def _finish_run(report: Any, verb: str, json_out: bool) -> None:
     else:
         out.print(f"{verb} {len(report.written)} file(s), {len(report.existing)} already done, "
                   f"{len(report.failed)} failed, {report.tokens} tokens in {report.seconds:.1f} s")
-    if report.failed and not report.written and not report.existing:
-        raise typer.Exit(1)
+    _exit_if_skipped(report.failed)
 
 
 @app.command()
@@ -335,7 +341,12 @@ def inspect(
     _report_failures(result.failed)
     if json_out:
         _print_json(result.to_dict())
-        return
+    else:
+        _print_usage_table(result, top, plot)
+    _exit_if_skipped(result.failed)
+
+
+def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
     bits = result.to_dict()["bits_per_code"]
     table = Table(title=f"codebook usage: {result.source} ({result.files} files, {result.tokens} tokens)")
     for name in ("stage", "used", "usage", "dead", "perplexity", "entropy bits/token", "log2 K"):
@@ -373,10 +384,11 @@ def evaluate(
     _report_failures(result.failed)
     if json_out:
         _print_json(result.to_dict())
-        return
-    _print_metrics(f"eval: {', '.join(str(d) for d in data)}", result.metrics)
-    if plot:
-        out.print(f"plot: {plot}")
+    else:
+        _print_metrics(f"eval: {', '.join(str(d) for d in data)}", result.metrics)
+        if plot:
+            out.print(f"plot: {plot}")
+    _exit_if_skipped(result.failed)
 
 
 def main() -> None:

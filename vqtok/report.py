@@ -90,7 +90,7 @@ def inspect_tokens(inputs: Sequence[Path], table: np.ndarray | None = None) -> I
         report.file_bytes += path.stat().st_size
     if counts is None:
         raise VqtokError(f"none of the token files under {report.source} could be read "
-                         f"(first: {report.failed[0][0]}: {report.failed[0][1]})")
+                         f"(first: {report.failed[0][1]})")
     report.counts = counts
     return report
 

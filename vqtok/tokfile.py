@@ -412,7 +412,8 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
         raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
     if kind == "model":
         if table is None:
-            raise fail("entropy-coded with the model's frequency table; pass the model's table to read it")
+            raise fail("entropy-coded with the model's frequency table; read it with its model "
+                       "(vqtok inspect --model MODEL, or read_tokens(path, table=...))")
         table = np.asarray(table)
         if table.shape != (stages, k) or table.dtype.kind not in "iu":
             raise fail(f"the frequency table given has shape {table.shape} ({table.dtype}); the file needs integers ({stages}, {k})")
