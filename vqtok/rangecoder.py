@@ -5,10 +5,11 @@ Each table's frequencies sum to M = 2^precision (precision <= 24). The coder kee
 the division rng // M never truncates more than 2^-32 of the interval. At the end it emits the fewest bytes
 (0 or 1) that single out a point of the final interval; the decoder reads zero bytes past the end.
 
-Why not rANS or constriction: a token file holds only 49-64 codes (~400 bits of information), so the flush
-dominates. rANS must write its whole final state (4-8 bytes); constriction's coders write 32-bit words
-(~1.04x the information on 49 codes). This coder's stream is less than one byte longer than its information,
-which puts a 7x7 file within 1% of the cross-entropy (benchmarks/tokens.py). Everything is Python integer arithmetic, identical on every platform.
+Why not rANS or constriction: an image token file often holds only 49-64 codes (~400 bits of information),
+so the flush dominates. rANS must write its whole final state (4-8 bytes); constriction's coders write 32-bit
+words (~1.04x the information on 49 codes). This coder's stream is less than one byte longer than its
+information, which puts a 7x7 file within 1% of the cross-entropy (benchmarks/tokens.py). Everything is
+Python integer arithmetic, identical on every platform.
 
 A stream is canonical: the decoder tracks the encoder's state, and refuses a stream whose length or final
 bytes differ from what the encoder would have written for the codes it decoded.
