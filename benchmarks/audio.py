@@ -38,14 +38,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqtok import data  # noqa: E402
-from vqtok.audiosets import AudioSet, segment_samples  # noqa: E402
-from vqtok.audiostream import encode_signal, model_signal  # noqa: E402
+from vqtok.data import io as data
+from vqtok.training.audiosets import AudioSet, segment_samples  # noqa: E402
+from vqtok.jobs.audiostream import encode_signal, model_signal  # noqa: E402
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig  # noqa: E402
 from vqtok.evaluate import AudioEvaluator  # noqa: E402
 from vqtok.modelfile import load  # noqa: E402
-from vqtok.nets import Tokenizer  # noqa: E402
-from vqtok.train import model_param_groups, train  # noqa: E402
+from vqtok.nets.tokenizer import Tokenizer  # noqa: E402
+from vqtok.training.loop import model_param_groups, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "runs" / "bench-audio"  # /runs/ is git-ignored

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqtok.errors import TokenFileError  # noqa: E402
-from vqtok.tokfile import MAGIC, decode_tokens, encode_tokens  # noqa: E402
+from vqtok.tokens.tokfile import MAGIC, decode_tokens, encode_tokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz_tokens.json"
 TIME_LIMIT_S = 2.0

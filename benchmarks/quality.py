@@ -31,11 +31,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqtok import data  # noqa: E402
+from vqtok.data import io as data
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig  # noqa: E402
 from vqtok.evaluate import ImageEvaluator  # noqa: E402
-from vqtok.nets import Tokenizer  # noqa: E402
-from vqtok.train import learning_rate, model_param_groups  # noqa: E402
+from vqtok.nets.tokenizer import Tokenizer  # noqa: E402
+from vqtok.training.loop import learning_rate, model_param_groups  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vqtok.atomic import write_bytes_atomic  # noqa: E402
-from vqtok.search import FAISS_MIN_ROWS, nearest  # noqa: E402
+from vqtok.quantize.search import FAISS_MIN_ROWS, nearest  # noqa: E402
 from timing import best_seconds  # noqa: E402  (benchmarks/timing.py; the script folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search.json"

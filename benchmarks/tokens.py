@@ -48,11 +48,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqtok import data  # noqa: E402
+from vqtok.data import io as data
 from vqtok.atomic import write_bytes_atomic  # noqa: E402
 from vqtok.modelfile import load  # noqa: E402
-from vqtok.pipeline import code_table, image_batches  # noqa: E402
-from vqtok.tokfile import (  # noqa: E402
+from vqtok.jobs.pipeline import code_table, image_batches  # noqa: E402
+from vqtok.tokens.tokfile import (  # noqa: E402
     FIXED_OVERHEAD_BYTES,
     bits_per_code,
     decode_tokens,

@@ -14,17 +14,17 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from vqtok import data
-from vqtok.audionets import decoder_context, encoder_context
-from vqtok.audiosets import AudioSet, mel_sizes, segment_samples
-from vqtok.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
+from vqtok.data import io as data
+from vqtok.nets.audio import decoder_context, encoder_context
+from vqtok.training.audiosets import AudioSet, mel_sizes, segment_samples
+from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
                                resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
 from vqtok.modelfile import load
-from vqtok.nets import Tokenizer
-from vqtok.train import train
+from vqtok.nets.tokenizer import Tokenizer
+from vqtok.training.loop import train
 
 RATE = 16000
 
@@ -283,13 +283,13 @@ def test_round_trip_keeps_rate_and_length(trained: Path, clips: Path, tmp_path: 
 
 
 def read_header(path: Path) -> dict:
-    from vqtok.tokfile import read_tokens
+    from vqtok.tokens.tokfile import read_tokens
 
     return read_tokens(path).header
 
 
 def test_fewer_stages_and_kept_channels(trained: Path, clips: Path, tmp_path: Path) -> None:
-    from vqtok.tokfile import read_tokens
+    from vqtok.tokens.tokfile import read_tokens
 
     model = trained / "model.safetensors"
     stereo = clips / "nested" / "stereo.wav"

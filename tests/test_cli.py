@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vqtok import data
+from vqtok.data import io as data
 from vqtok.cli import app
 from vqtok.modelfile import load
-from vqtok.tokfile import FIXED_OVERHEAD_BYTES, read_tokens
+from vqtok.tokens.tokfile import FIXED_OVERHEAD_BYTES, read_tokens
 
 runner = CliRunner()
 TINY = ["--steps", "40", "--warmup", "5", "--batch-size", "16", "--channels", "32", "--code-dim", "16", "--codebook-size", "32",

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from vqtok import data
+from vqtok.data import io as data
 from vqtok.errors import VqtokError
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from vqtok.config import ModelConfig, QuantizerConfig
 from vqtok.errors import VqtokError
 from vqtok.modelfile import load, read_metadata, save_model
-from vqtok.nets import Tokenizer
+from vqtok.nets.tokenizer import Tokenizer
 
 
 def small_config(downsample: int = 4, size: int = 32, stages: int = 1) -> ModelConfig:

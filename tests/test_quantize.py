@@ -12,7 +12,7 @@ from vqtok.config import QuantizerConfig
 from vqtok.errors import VqtokError
 from vqtok.quantize import ResidualVQ, VectorQuantizer, rotation_trick
 from vqtok.quantize.upkeep import kmeans_pp_seed
-from vqtok.search import nearest
+from vqtok.quantize.search import nearest
 
 
 def make(seed: int = 0, **overrides) -> ResidualVQ:

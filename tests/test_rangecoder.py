@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqtok import rangecoder
-from vqtok.tokfile import normalize_table
+from vqtok.tokens import rangecoder
+from vqtok.tokens.tokfile import normalize_table
 
 
 class Refused(Exception):

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqtok import search
-from vqtok.search import FAISS_MIN_ROWS, nearest
+from vqtok.quantize import search
+from vqtok.quantize.search import FAISS_MIN_ROWS, nearest
 
 CPU_BACKENDS = ["torch", "faiss", "auto"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vqtok.errors import TokenFileError
-from vqtok.shards import ShardWriter, TokenDataset, code_dtype, write_shard
+from vqtok.tokens.shards import ShardWriter, TokenDataset, code_dtype, write_shard
 
 
 def _items(k: int, stages: int, seed: int = 0) -> list[tuple[str, np.ndarray, dict]]:

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vqtok.errors import TokenFileError
-from vqtok.rangecoder import max_codes
-from vqtok.tokfile import (
+from vqtok.tokens.rangecoder import max_codes
+from vqtok.tokens.tokfile import (
     FIXED_OVERHEAD_BYTES,
     MAGIC,
     Tokens,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
-from vqtok.train import learning_rate, train
+from vqtok.training.loop import learning_rate, train
 
 
 def tiny_model() -> ModelConfig:

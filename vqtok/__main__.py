@@ -1,3 +1,3 @@
-from .cli import main
+from vqtok.cli import main
 
 main()

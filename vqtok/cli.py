@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import ModelConfig, QuantizerConfig, TrainConfig
-from .errors import VqtokError
+from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
+from vqtok.errors import VqtokError
 
 app = typer.Typer(
     help="Train VQ-VAE tokenizers on folders of images or audio, turn files into token files and back, "
@@ -176,8 +176,8 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a tokenizer on a folder of images or audio; writes OUT/model.safetensors and the run's checkpoints."""
-    from .data import find_inputs
-    from .train import train as run_training
+    from vqtok.data.io import find_inputs
+    from vqtok.training.loop import train as run_training
 
     with _user_errors():
         audio = find_inputs(data)[0] == "audio"
@@ -254,7 +254,7 @@ def encode(
     json_out: JsonOpt = False,
 ) -> None:
     """Turn files into .vqt token files (one per input), or into one token shard with --shard."""
-    from .pipeline import encode_files
+    from vqtok.jobs.pipeline import encode_files
 
     with _user_errors(), _file_progress("encoding") as on_file:
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
@@ -274,7 +274,7 @@ def decode(
 ) -> None:
     """Turn .vqt token files back into images at their original size, or WAV files at their original sample rate
     and length."""
-    from .pipeline import decode_files
+    from vqtok.jobs.pipeline import decode_files
 
     with _user_errors(), _file_progress("decoding") as on_file:
         report = decode_files(model, tokens, out, force=force, device=device, on_file=on_file)
@@ -321,7 +321,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Codebook usage, dead codes, perplexity and entropy (bits/token) of token files or of a model on data."""
-    from . import report as rep
+    from vqtok.jobs import report as rep
 
     with _user_errors():
         if source.suffix == ".safetensors":
@@ -331,8 +331,8 @@ def inspect(
         else:
             table = None
             if model is not None:
-                from .modelfile import load
-                from .pipeline import code_table
+                from vqtok.modelfile import load
+                from vqtok.jobs.pipeline import code_table
 
                 table = code_table(load(model))
             result = rep.inspect_tokens([source], table=table)
@@ -377,7 +377,7 @@ def evaluate(
 ) -> None:
     """Reconstruction quality (PSNR, SSIM, MSE for images; SI-SNR, log-mel distance, kbps for audio) and codebook
     figures of a model over a folder."""
-    from .report import evaluate_model
+    from vqtok.jobs.report import evaluate_model
 
     with _user_errors():
         result = evaluate_model(model, data, device=device, batch_size=batch_size, stages=stages, plot=plot)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import VqtokError
+from vqtok.errors import VqtokError
 
 Modality = Literal["image", "audio"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import VqtokError
+from vqtok.errors import VqtokError
 
 
 def pick_device(name: str = "auto") -> torch.device:

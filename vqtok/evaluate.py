@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from . import data, stats
-from .nets import Tokenizer
+from vqtok.data import io as data
+from vqtok import stats
+from vqtok.nets.tokenizer import Tokenizer
 
 
 def codebook_figures(usages: list[stats.CodeUsage], err: float, energy: float) -> dict[str, float]:

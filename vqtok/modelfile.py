@@ -13,11 +13,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .atomic import atomic_path
-from .config import ModelConfig
-from .errors import VqtokError
-from .nets import Tokenizer
+from vqtok import __version__
+from vqtok.atomic import atomic_path
+from vqtok.config import ModelConfig
+from vqtok.errors import VqtokError
+from vqtok.nets.tokenizer import Tokenizer
 
 CONFIG_KEY = "vqtok.config"
 VERSION_KEY = "vqtok.version"

@@ -5,9 +5,9 @@ Layout: estimators.py (gradient estimators), codebook.py (one stage: codes, affi
 stages.py (the shared forward pass), residual.py (the stack), upkeep.py (k-means++, distributed helpers).
 """
 
-from .codebook import VectorQuantizer
-from .estimators import rotation_trick, straight_through, synchronized
-from .residual import ResidualVQ
-from .stages import QuantizerOutput
+from vqtok.quantize.codebook import VectorQuantizer
+from vqtok.quantize.estimators import rotation_trick, straight_through, synchronized
+from vqtok.quantize.residual import ResidualVQ
+from vqtok.quantize.stages import QuantizerOutput
 
 __all__ = ["QuantizerOutput", "ResidualVQ", "VectorQuantizer", "rotation_trick", "straight_through", "synchronized"]

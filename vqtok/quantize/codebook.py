@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import QuantizerConfig
-from ..search import nearest
-from . import upkeep
-from .stages import QuantizerOutput, run_stages
+from vqtok.config import QuantizerConfig
+from vqtok.quantize.search import nearest
+from vqtok.quantize import upkeep
+from vqtok.quantize.stages import QuantizerOutput, run_stages
 
 _LAPLACE = 1e-5  # EMA cluster-size smoothing (VQ-VAE appendix)
 _STD_EPS = 1e-5

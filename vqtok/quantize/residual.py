@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import QuantizerConfig
-from ..errors import VqtokError
-from ..search import nearest
-from . import upkeep
-from .codebook import VectorQuantizer
-from .stages import QuantizerOutput, run_stages, sum_codes
+from vqtok.config import QuantizerConfig
+from vqtok.errors import VqtokError
+from vqtok.quantize.search import nearest
+from vqtok.quantize import upkeep
+from vqtok.quantize.codebook import VectorQuantizer
+from vqtok.quantize.stages import QuantizerOutput, run_stages, sum_codes
 
 
 class ResidualVQ(nn.Module):

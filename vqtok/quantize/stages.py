@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import QuantizerConfig
-from ..search import nearest
-from .estimators import rotation_trick, straight_through, synchronized
+from vqtok.config import QuantizerConfig
+from vqtok.quantize.search import nearest
+from vqtok.quantize.estimators import rotation_trick, straight_through, synchronized
 
 if TYPE_CHECKING:
-    from .codebook import VectorQuantizer
+    from vqtok.quantize.codebook import VectorQuantizer
 
 
 class QuantizerOutput(NamedTuple):

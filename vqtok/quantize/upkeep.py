@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..search import nearest
+from vqtok.quantize.search import nearest
 
 # k-means++ seeding draws its seeds from a subsample of at most min(64 K, 16384) rows: seeding is K
 # sequential passes over that pool. Above KMEANS_PP_MAX_CODES codes the passes cost more than they gain

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from . import rangecoder
-from .atomic import write_bytes_atomic
-from .errors import TokenFileError
+from vqtok.tokens import rangecoder
+from vqtok.atomic import write_bytes_atomic
+from vqtok.errors import TokenFileError
 
 MAGIC = b"VQTK"
 VERSION = (1, 0)

@@ -9,11 +9,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import data, plots, stats
-from .config import ModelConfig, TrainConfig
-from .errors import VqtokError
-from .evaluate import ImageEvaluator
-from .nets import Tokenizer
+from vqtok.data import io as data
+from vqtok import plots, stats
+from vqtok.config import ModelConfig, TrainConfig
+from vqtok.errors import VqtokError
+from vqtok.evaluate import ImageEvaluator
+from vqtok.nets.tokenizer import Tokenizer
 
 PREVIEW_ITEMS = 8
 
@@ -83,7 +84,7 @@ def build_training_sets(
 ) -> tuple[TrainingSet, TrainingSet, list[tuple[Path, str]]]:
     """Decode every file once and split into training and validation sets; returns the skipped files too."""
     if model_config.modality != "image":
-        from .audiosets import build_audio_sets
+        from vqtok.training.audiosets import build_audio_sets
 
         return build_audio_sets(paths, model_config, train_config)
     images, kept, skipped = data.load_image_set(paths, model_config.image_size)

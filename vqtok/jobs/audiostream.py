@@ -21,11 +21,11 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from . import data
-from .atomic import atomic_path
-from .audionets import decoder_context, encoder_context
-from .errors import VqtokError
-from .nets import Tokenizer
+from vqtok.data import io as data
+from vqtok.atomic import atomic_path
+from vqtok.nets.audio import decoder_context, encoder_context
+from vqtok.errors import VqtokError
+from vqtok.nets.tokenizer import Tokenizer
 
 # Default chunk length in seconds for encoding, decoding and writing.
 CHUNK_SECONDS = 30.0

@@ -22,14 +22,15 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__, data
-from .atomic import atomic_path, write_bytes_atomic
-from .config import ModelConfig, TrainConfig
-from .device import pick_device
-from .errors import VqtokError
-from .modelfile import save_model
-from .nets import Tokenizer
-from .trainsets import TrainingSet, build_training_sets
+from vqtok.data import io as data
+from vqtok import __version__
+from vqtok.atomic import atomic_path, write_bytes_atomic
+from vqtok.config import ModelConfig, TrainConfig
+from vqtok.device import pick_device
+from vqtok.errors import VqtokError
+from vqtok.modelfile import save_model
+from vqtok.nets.tokenizer import Tokenizer
+from vqtok.training.imagesets import TrainingSet, build_training_sets
 
 KEEP_CHECKPOINTS = 3
 
@@ -225,7 +226,7 @@ def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], siz
         config.in_channels = 3
         config.image_size = size or data.default_image_size(paths, multiple=config.downsample)
     else:
-        from .audiosets import default_sample_rate
+        from vqtok.training.audiosets import default_sample_rate
 
         config.in_channels = 1
         config.downsample = math.prod(config.audio_strides)

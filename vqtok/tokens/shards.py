@@ -24,8 +24,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_path, write_bytes_atomic
-from .errors import TokenFileError
+from vqtok.atomic import atomic_path, write_bytes_atomic
+from vqtok.errors import TokenFileError
 
 SHARD_FORMAT = "vqtok-shard"
 SHARD_VERSION = 1

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
-from . import data, plots, stats
-from .audionets import INPUT_GAIN
-from .config import ModelConfig, TrainConfig
-from .errors import VqtokError
-from .evaluate import AudioEvaluator
-from .nets import Tokenizer
+from vqtok.data import io as data
+from vqtok import plots, stats
+from vqtok.nets.audio import INPUT_GAIN
+from vqtok.config import ModelConfig, TrainConfig
+from vqtok.errors import VqtokError
+from vqtok.evaluate import AudioEvaluator
+from vqtok.nets.tokenizer import Tokenizer
 
 # Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
 MEL_WEIGHT = 0.002
@@ -156,7 +157,7 @@ def build_audio_sets(
     Returns (train, val, skipped files with their reasons). With fewer than 4 files nothing is held out and
     validation scores the first few training files.
     """
-    from .trainsets import split_indices
+    from vqtok.training.imagesets import split_indices
 
     rate, hop = model_config.sample_rate, model_config.downsample
     waves, kept, skipped = data.load_audio_set(paths, rate)

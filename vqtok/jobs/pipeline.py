@@ -19,14 +19,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import data
-from .audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
-from .device import pick_device
-from .errors import TokenFileError, VqtokError
-from .modelfile import load
-from .nets import Tokenizer
-from .shards import DESCRIPTOR_SUFFIX, ShardWriter
-from .tokfile import MAGIC, Tokens, read_tokens, write_tokens
+from vqtok.data import io as data
+from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
+from vqtok.device import pick_device
+from vqtok.errors import TokenFileError, VqtokError
+from vqtok.modelfile import load
+from vqtok.nets.tokenizer import Tokenizer
+from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
+from vqtok.tokens.tokfile import MAGIC, Tokens, read_tokens, write_tokens
 
 TOKEN_SUFFIX = ".vqt"
 SHARD_NAME = "shard"
@@ -97,7 +97,7 @@ def encode_files(
     `stages`: keep only the first N residual stages (a lower bitrate). Audio: `channels` "mono" mixes the
     channels (codes (S, frames)), "keep" tokenizes each (codes (S, C, frames)); files are encoded in chunks of
     `chunk_seconds` (default 30) with enough overlap that the codes match a whole-file encode. With `shard`,
-    all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.shards), in input
+    all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.tokens.shards), in input
     order; items keep their relative name and header fields as metadata.
     """
     begin = time.perf_counter()

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from vqtok.config import ModelConfig
 
 # Typical recordings sit around RMS 0.05 of full scale, where ELUs are almost linear and a short training run
 # learns next to nothing (measured on FSDD: -40 dB SI-SNR after 200 steps at gain 1, -4 dB at gain 10). The

@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .quantize import ResidualVQ
+from vqtok.config import ModelConfig
+from vqtok.quantize import ResidualVQ
 
 
 class ResBlock(nn.Module):
@@ -88,7 +88,7 @@ def build_stacks(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """The encoder and decoder for the config's modality."""
     if config.modality == "image":
         return ImageEncoder(config), ImageDecoder(config)
-    from .audionets import AudioDecoder, AudioEncoder
+    from vqtok.nets.audio import AudioDecoder, AudioEncoder
 
     return AudioEncoder(config), AudioDecoder(config)
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from PIL import Image, ImageOps
 
-from .atomic import atomic_path
-from .errors import VqtokError
+from vqtok.atomic import atomic_path
+from vqtok.errors import VqtokError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import data, plots, stats
-from .device import pick_device
-from .errors import TokenFileError, VqtokError
-from .evaluate import AudioEvaluator, ImageEvaluator
-from .nets import Tokenizer
-from .pipeline import load_for_inputs, find_token_files, image_batches, read_tokens_for_model
+from vqtok.data import io as data
+from vqtok import plots, stats
+from vqtok.device import pick_device
+from vqtok.errors import TokenFileError, VqtokError
+from vqtok.evaluate import AudioEvaluator, ImageEvaluator
+from vqtok.nets.tokenizer import Tokenizer
+from vqtok.jobs.pipeline import load_for_inputs, find_token_files, image_batches, read_tokens_for_model
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
