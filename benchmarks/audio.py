@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vqtok.data import io as data
-from vqtok.training.audiosets import AudioSet, segment_samples  # noqa: E402
+from vqtok.data.streams import BatchPlan  # noqa: E402
+from vqtok.training.audiosets import AudioTask  # noqa: E402
 from vqtok.jobs.audiostream import encode_signal, model_signal  # noqa: E402
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig  # noqa: E402
 from vqtok.evaluate import AudioEvaluator  # noqa: E402
@@ -78,19 +79,16 @@ def model_config(rate: int) -> ModelConfig:
 
 def calibrate(config: ModelConfig, files: list[Path], batch: int, steps: int = 10) -> float:
     """Training steps per second of this model on this machine (forward, loss, backward, AdamW step)."""
-    rate = config.sample_rate
-    waves, _, _ = data.load_audio_set(files[:32], rate)
-    segment = segment_samples(TrainConfig(segment_seconds=SEGMENT_SECONDS), rate, config.downsample)
-    sample_set = AudioSet(waves, rate, config.downsample, segment)
+    task = AudioTask(files[:32], config, TrainConfig(segment_seconds=SEGMENT_SECONDS))
+    plan = iter(BatchPlan(len(task.train_data), batch, 0, 0, steps + 1, weights=task.weights))
     model = Tokenizer(config)
     optimizer = torch.optim.AdamW(model_param_groups(model, 1e-3), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
     for i in range(steps + 1):
         if i == 1:
             begin = time.perf_counter()
-        x = sample_set.sample(batch, gen)
+        x = torch.stack([task.train_data[item][0] for item in next(plan)])
         out = model(x)
-        loss = sample_set.reconstruction_loss(out.recon, x) + sum(out.losses.values())
+        loss = task.reconstruction_loss(out.recon, x) + sum(out.losses.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -16,7 +16,8 @@ import torchaudio.functional as AF
 
 from vqtok.data import io as data
 from vqtok.nets.audio import decoder_context, encoder_context
-from vqtok.training.audiosets import AudioSet, mel_sizes, segment_samples
+from vqtok.data.streams import AudioSegments, read_audio_headers
+from vqtok.training.audiosets import mel_sizes, segment_samples
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
                                resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
@@ -120,19 +121,39 @@ def test_contexts_bound_the_receptive_fields() -> None:
 # ------------------------------------------------------------------------------------------------- sets
 
 
-def test_segments_are_cut_from_the_files() -> None:
-    long, short = torch.linspace(-1, 1, 5000)[None], torch.full((1, 100), 0.5)
-    audio = AudioSet([long, short], RATE, 320, 640)
-    a = audio.sample(64, torch.Generator().manual_seed(1))
-    b = audio.sample(64, torch.Generator().manual_seed(1))
+def test_segments_are_cut_from_the_files(tmp_path: Path) -> None:
+    long, short = np.linspace(-1, 1, 5000, dtype=np.float32), np.full(100, 0.5, dtype=np.float32)
+    sf.write(tmp_path / "long.wav", long, RATE, subtype="FLOAT")
+    sf.write(tmp_path / "short.wav", short, RATE, subtype="FLOAT")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not really")
+    files, skipped = read_audio_headers([tmp_path / "bad.wav", tmp_path / "long.wav", tmp_path / "short.wav"])
+    assert [Path(p).name for p, _ in skipped] == ["bad.wav"] and "bad.wav" in skipped[0][1]
+    segments = AudioSegments(files, RATE, 640)
+    items = [(i % 2, seed) for i, seed in enumerate(range(100, 164))]
+    a = torch.stack([segments[item][0] for item in items])
+    b = torch.stack([segments[item][0] for item in items])
     assert a.shape == (64, 1, 640) and torch.equal(a, b)
+    offsets = set()
     for row in a[:, 0]:
         if bool((row == 0.5).any()):
             # The short file sits somewhere in silence, whole.
             assert int((row == 0.5).sum()) == 100 and int((row != 0).sum()) == 100
         else:
-            start = int(torch.argmin((long[0] - row[0]).abs()))
-            assert torch.allclose(row, long[0, start:start + 640])
+            start = int(torch.argmin((torch.from_numpy(long) - row[0]).abs()))
+            offsets.add(start)
+            assert torch.allclose(row, torch.from_numpy(long[start:start + 640]))
+    assert len(offsets) > 10  # offsets are drawn, not fixed
+
+
+def test_segments_are_resampled_from_the_file_rate(tmp_path: Path) -> None:
+    t = np.arange(8000 * 3) / 8000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    sf.write(tmp_path / "tone.wav", tone, 8000, subtype="FLOAT")
+    files, _ = read_audio_headers([tmp_path / "tone.wav"])
+    segment = AudioSegments(files, RATE, 1600)[(0, 7)][0][0]
+    whole = AF.resample(torch.from_numpy(tone)[None], 8000, RATE)[0]
+    start = int(torch.argmin(((whole[None, :-1600].unfold(1, 1600, 1)[0] - segment) ** 2).sum(1)))
+    assert torch.allclose(segment, whole[start:start + 1600], atol=2e-3)
 
 
 def test_segment_length_is_whole_hops() -> None:

@@ -140,7 +140,7 @@ class VectorQuantizer(nn.Module):
         if cfg.affine == "stats":
             self._update_input_stats(x, 0.0)
         if cfg.kmeans_init:
-            centroids, sizes = upkeep.kmeans(x, cfg.codebook_size, self._generator())
+            centroids, sizes = upkeep.kmeans(upkeep.gather_rows(x), cfg.codebook_size, self._generator())
             upkeep.broadcast_(centroids, sizes)
             if cfg.affine == "stats":
                 # The stats map re-standardises whatever is stored; storing the centroids keeps their layout.
@@ -172,6 +172,7 @@ class VectorQuantizer(nn.Module):
         n_dead = dead.numel()
         if n_dead == 0:
             return
+        x = upkeep.gather_rows(x)
         gen = self._generator()
         pick = torch.randint(0, x.shape[0], (n_dead,), generator=gen).to(x.device)
         noise = torch.randn(n_dead, x.shape[1], generator=gen).to(x.device)

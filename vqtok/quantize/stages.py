@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +10,8 @@ from torch import Tensor
 
 from vqtok.config import QuantizerConfig
 from vqtok.quantize.search import nearest
+from vqtok.quantize import upkeep
 from vqtok.quantize.estimators import rotation_trick, straight_through, synchronized
-
-if TYPE_CHECKING:
-    from vqtok.quantize.codebook import VectorQuantizer
 
 
 class QuantizerOutput(NamedTuple):
@@ -26,12 +24,30 @@ class QuantizerOutput(NamedTuple):
     losses: dict[str, Tensor]
 
 
-def run_stages(stages: list["VectorQuantizer"], z: Tensor, config: QuantizerConfig) -> tuple[QuantizerOutput, Tensor]:
+class Stage(Protocol):
+    """What the shared pass needs of one codebook stage (vqtok.quantize.codebook.VectorQuantizer)."""
+
+    training: bool
+    last_error: Tensor
+
+    def prepare_input(self, x: Tensor) -> Tensor: ...
+
+    def codes(self) -> Tensor: ...
+
+    def before_search(self, x: Tensor) -> None: ...
+
+    def alternate_step(self, x: Tensor, indices: Tensor) -> Tensor: ...
+
+    def after_search(self, x: Tensor, indices: Tensor) -> None: ...
+
+
+def run_stages(stages: list[Stage], z: Tensor, config: QuantizerConfig) -> tuple[QuantizerOutput, Tensor]:
     """Quantize z (N, D) with `stages` in turn, each taking what the previous ones left over.
 
-    Returns the output and the relative error ||z - q||^2 / ||z||^2 (detached scalar). In training mode every
-    stage does its upkeep, applies its estimator (rotation or straight-through) and the synchronized term;
-    in eval mode z_q is the plain straight-through value (no rotation, no state change).
+    Returns the output and the relative error ||z - q||^2 / ||z||^2 (detached scalar; in training, over the
+    whole batch of every rank, so it is the same everywhere). In training mode every stage does its upkeep,
+    applies its estimator (rotation or straight-through) and the synchronized term; in eval mode z_q is the
+    plain straight-through value (no rotation, no state change, no collectives).
 
     Losses: codebook = codebook_weight * sum over stages of mean ||sg(r_s) - q_s||^2 (r_s: stage s input);
     commitment = beta * mean ||z - sg(q)||^2 on the sum q the decoder sees. With `alternate` the codebook
@@ -39,9 +55,8 @@ def run_stages(stages: list["VectorQuantizer"], z: Tensor, config: QuantizerConf
     """
     training = stages[0].training
     target = stages[0].prepare_input(z.float())
-    total_sq = (target.detach() ** 2).sum().clamp_min(1e-12)
     residual = target.detach()
-    qs, indices, codebook_terms = [], [], []
+    qs, indices, codebook_terms, squares = [], [], [], [(residual**2).sum()]
     for vq in stages:
         if training:
             vq.before_search(residual)
@@ -56,8 +71,7 @@ def run_stages(stages: list["VectorQuantizer"], z: Tensor, config: QuantizerConf
         if training:
             vq.after_search(residual, idx)
         residual = residual - q.detach()
-        if training:
-            vq.last_error.copy_((residual**2).sum() / total_sq)
+        squares.append((residual**2).sum())
         qs.append(q)
         indices.append(idx)
     q_sum = sum_codes(qs)
@@ -71,8 +85,14 @@ def run_stages(stages: list["VectorQuantizer"], z: Tensor, config: QuantizerConf
         z_q = straight_through(target, q_value)
     if training and not config.alternate:
         z_q = synchronized(z_q, q_sum, config.sync_nu)
-    error = (residual**2).sum() / total_sq
-    return QuantizerOutput(z_q.to(z.dtype), torch.stack(indices, 1), losses), error
+    sq = torch.stack(squares)
+    if training:
+        upkeep.all_reduce_sum_(sq)
+    errors = sq[1:] / sq[0].clamp_min(1e-12)
+    if training:
+        for vq, e in zip(stages, errors):
+            vq.last_error.copy_(e)
+    return QuantizerOutput(z_q.to(z.dtype), torch.stack(indices, 1), losses), errors[-1]
 
 
 def sum_codes(qs: list[Tensor]) -> Tensor:

@@ -36,6 +36,17 @@ def broadcast_(*tensors: Tensor, src: int = 0) -> None:
             dist.broadcast(t, src)
 
 
+def gather_rows(x: Tensor) -> Tensor:
+    """Every rank's rows of x (N, D), concatenated in rank order: (world * N, D). Ranks train on contiguous
+    blocks of one global batch, so this is the batch a single process would have seen. x itself in a single
+    process; every rank must pass the same N."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def world_size() -> int:
     return dist.get_world_size() if distributed() else 1
 

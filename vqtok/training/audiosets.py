@@ -1,15 +1,16 @@
-"""Audio training and validation sets: random fixed-length segments for training, whole files for validation.
+"""Audio training: random fixed-length segments streamed from the files, the reconstruction loss, and
+validation on a fixed, seeded segment of each held-out file.
 
 The reconstruction loss is a squared error on the waveform plus a lightly weighted multi-resolution log-mel
 loss (L1 between log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled
-with the sample rate); `train.py` adds the quantizer's own terms. The weighting is what a short CPU run can
+with the sample rate); the training loop adds the quantizer's own terms. The weighting is what a short CPU run can
 learn from: with an L1 waveform term the output collapses to silence (the median of an unpredictable sample
 is 0), and with the mel term at full weight the model matches spectra with incoherent phase (SI-SNR stays
 near -35 dB for hundreds of steps); squared error at the nets' scale plus a small mel term does both.
 The constants below record what was measured.
 
-Validation runs each held-out file whole through the model, padded to a multiple of the hop and cropped back
-before scoring (`AudioEvaluator`).
+Validation runs up to VAL_SECONDS of each held-out file (a whole file when it is shorter) through the model,
+padded to a multiple of the hop and cropped back before scoring (`AudioEvaluator`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 
-from vqtok.data import io as data
 from vqtok import plots, stats
-from vqtok.nets.audio import INPUT_GAIN
 from vqtok.config import ModelConfig, TrainConfig
+from vqtok.data import io as data
+from vqtok.data.streams import AudioSegments, Item, fixed_items, read_audio_headers, split_files
 from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
+from vqtok.nets.audio import INPUT_GAIN
 from vqtok.nets.tokenizer import Tokenizer
 
 # Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
@@ -40,8 +43,8 @@ RECON_WEIGHT = 25.0
 MEL_FLOOR = 1e-2
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
-# Seconds of the first validation file drawn in a preview.
-PREVIEW_SECONDS = 10.0
+# Validation segments: up to this many seconds of each held-out file, from a seeded offset.
+VAL_SECONDS = 10.0
 
 
 def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
@@ -78,55 +81,53 @@ def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> in
     return max(1, round(train_config.segment_seconds * sample_rate / hop)) * hop
 
 
-class AudioSet:
-    """Mono waves (1, T_i) at the model's rate, kept in memory as float32.
+class AudioTask:
+    """Training segments of `segment_seconds` and validation segments of up to VAL_SECONDS, mono at the
+    model's rate, streamed from the files. Training draws a file with probability proportional to its length
+    (so every second of audio is equally likely), then a uniform offset. Headers are read once up front
+    (rate and length: a few bytes per file); files whose header cannot be read are skipped then."""
 
-    `sample` draws fixed-length segments: a file chosen with probability proportional to its length (so every
-    second of audio is equally likely), then a uniform offset; a file shorter than the segment is placed at a
-    random offset in silence.
-    """
+    modality = "audio"
 
-    def __init__(self, waves: list[torch.Tensor], sample_rate: int, hop: int, segment: int):
-        if not waves:
-            raise ValueError("AudioSet needs at least one wave")
-        self.waves = waves
-        self.sample_rate = sample_rate
-        self.hop = hop
-        self.segment = segment
-        self.weights = torch.tensor([float(max(w.shape[-1], 1)) for w in waves])
+    def __init__(self, paths: list[Path], model_config: ModelConfig, train_config: TrainConfig):
+        files, self.skipped = read_audio_headers(paths)
+        if not files:
+            first, why = self.skipped[0]
+            raise VqtokError(f"none of the {len(paths)} audio files could be read (first: {why})")
+        train_idx, val_idx = split_files(len(files), train_config.seed, train_config.val_fraction,
+                                         train_config.max_val)
+        self.sample_rate, self.hop = model_config.sample_rate, model_config.downsample
+        segment = segment_samples(train_config, self.sample_rate, self.hop)
+        train_files = [files[i] for i in train_idx]
+        self.train_data = AudioSegments(train_files, self.sample_rate, segment)
+        self.weights = torch.tensor([f.frames / f.rate for f in train_files], dtype=torch.float64)
+        val_files = [files[i] for i in (val_idx or train_idx[:FALLBACK_VAL_FILES])]
+        self.val_data = AudioSegments(val_files, self.sample_rate, round(VAL_SECONDS * self.sample_rate),
+                                      pad_short=False)
+        self.val_items: list[Item] = fixed_items(range(len(val_files)), train_config.seed)
 
-    def __len__(self) -> int:
-        return len(self.waves)
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, 1, segment) float32 in [-1, 1]."""
-        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator).tolist()
-        out = torch.zeros(batch_size, 1, self.segment)
-        for row, i in enumerate(picks):
-            wave = self.waves[i][0]
-            spare = wave.shape[0] - self.segment
-            offset = int(torch.randint(abs(spare) + 1, (1,), generator=generator))
-            if spare >= 0:
-                out[row, 0] = wave[offset:offset + self.segment]
-            else:
-                out[row, 0, offset:offset + wave.shape[0]] = wave
-        return out
+    @staticmethod
+    def prepare(batch: torch.Tensor) -> torch.Tensor:
+        return batch
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         wave = F.mse_loss(recon * INPUT_GAIN, target * INPUT_GAIN)
         return RECON_WEIGHT * (wave + MEL_WEIGHT * mel_loss(recon, target, self.sample_rate))
 
-    def batch_metrics(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    @staticmethod
+    def batch_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         return {"si_snr": float(stats.si_snr(recon.flatten(1), target.flatten(1)).mean())}
 
-    def evaluate(self, model: Tokenizer, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: Tokenizer, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, float]:
+        """Figures over every validation segment; batches are (1, 1, T) (segments differ in length)."""
         evaluator = AudioEvaluator(model)
-        for wave in self.waves:
-            evaluator.add(wave.to(device))
+        for wave in batches:
+            evaluator.add(wave[0].to(device))
         return evaluator.result()
 
     def preview(self, model: Tokenizer, path: Path, device: torch.device) -> None:
-        wave = self.waves[0][:, : int(PREVIEW_SECONDS * self.sample_rate)].to(device)
+        """Log-mel spectrograms of the first validation segment and its reconstruction."""
+        wave = self.val_data[self.val_items[0]][0].to(device)
         padded, length = data.pad_length(wave, self.hop)
         with torch.no_grad():
             recon = model(padded[None]).recon[0, :, :length].clamp(-1.0, 1.0)
@@ -147,25 +148,3 @@ def default_sample_rate(paths: list[Path], sample: int = 200) -> int:
     if not rates:
         raise VqtokError(f"none of the {len(paths)} audio files has a readable header")
     return max(rates, key=lambda r: (rates[r], r))
-
-
-def build_audio_sets(
-    paths: list[Path], model_config: ModelConfig, train_config: TrainConfig
-) -> tuple[AudioSet, AudioSet, list[tuple[Path, str]]]:
-    """Decode every file once (mono, at the model's rate) and split it into training and validation sets.
-
-    Returns (train, val, skipped files with their reasons). With fewer than 4 files nothing is held out and
-    validation scores the first few training files.
-    """
-    from vqtok.training.imagesets import split_indices
-
-    rate, hop = model_config.sample_rate, model_config.downsample
-    waves, kept, skipped = data.load_audio_set(paths, rate)
-    if not kept:
-        first, why = skipped[0]
-        raise VqtokError(f"none of the {len(paths)} audio files could be read (first: {first}: {why})")
-    train_idx, val_idx = split_indices(len(kept), train_config)
-    segment = segment_samples(train_config, rate, hop)
-    train_set = AudioSet([waves[i] for i in train_idx], rate, hop, segment)
-    val_waves = [waves[i] for i in (val_idx or train_idx[:FALLBACK_VAL_FILES])]
-    return train_set, AudioSet(val_waves, rate, hop, segment), skipped

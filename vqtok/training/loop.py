@@ -1,4 +1,5 @@
-"""Training loop: AdamW with warm-up and cosine decay, held-out validation, atomic checkpoints, resume.
+"""Training loop: AdamW with warm-up and cosine decay, data streamed from disk by DataLoader workers, held-out
+validation, atomic checkpoints, exact resume, and several processes under torchrun.
 
 A run directory holds:
   run.json            configs, seed, data summary, vqtok version (written once, checked on --resume)
@@ -6,6 +7,11 @@ A run directory holds:
   checkpoints/        step_NNNNNNN.safetensors: model + optimizer + RNG state (the last few are kept)
   previews/           step_NNNNNNN.png: validation inputs above, reconstructions below
   model.safetensors   the final model (weights + config), what encode/decode/eval take
+
+Under torchrun every process trains on its block of each global batch (`--batch-size` is the global batch, so
+a run's result does not depend on how many processes share it); the nets are wrapped in
+DistributedDataParallel and the quantizer keeps its own state identical on every rank (see
+vqtok.quantize.upkeep). Only rank 0 writes to the run directory.
 """
 
 from __future__ import annotations
@@ -17,27 +23,33 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from vqtok.data import io as data
 from vqtok import __version__
-from vqtok.atomic import atomic_path, write_bytes_atomic
+from vqtok.atomic import write_bytes_atomic
 from vqtok.config import ModelConfig, TrainConfig
-from vqtok.device import pick_device
+from vqtok.data import io as data
+from vqtok.data.streams import Batch, BatchPlan, batches_of, collate
 from vqtok.errors import VqtokError
 from vqtok.modelfile import save_model
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.training.imagesets import TrainingSet, build_training_sets
+from vqtok.training import distributed
+from vqtok.training.audiosets import AudioTask, default_sample_rate
+from vqtok.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
+from vqtok.training.distributed import Processes
+from vqtok.training.imagesets import ImageTask
 
-KEEP_CHECKPOINTS = 3
+Task = ImageTask | AudioTask
 
 
 @dataclass
 class TrainResult:
-    """What a finished (or resumed-and-finished) run produced."""
+    """What a finished (or resumed-and-finished) run produced. `final` (validation figures) is filled on rank 0
+    only; `model` is this process's trained model."""
 
     run_dir: Path
     model_path: Path
@@ -48,6 +60,8 @@ class TrainResult:
     val_files: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    model: Tokenizer | None = field(default=None, repr=False)
 
 
 # A callback that receives (step, total_steps, metrics) after each logged step; the CLI draws a progress bar.
@@ -72,130 +86,223 @@ def train(
     size: int | None = None,
     sample_rate: int | None = None,
     resume: bool = False,
+    num_workers: int | None = None,
     on_progress: ProgressFn | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a tokenizer on the files under `inputs` and write the run directory `out`.
 
     The modality comes from the files. `size` is the image training crop side (None: fits the data);
-    `sample_rate` the audio model's rate in Hz (None: the most common rate among the files).
-    With `resume`, training continues from the newest checkpoint in `out` with the stored configs.
+    `sample_rate` the audio model's rate in Hz (None: the most common rate among the files). With `resume`,
+    training continues from the newest checkpoint in `out` with the stored configs. `num_workers`: DataLoader
+    worker processes reading files (0: read in this process; None: picked from the core count). Started by
+    torchrun, this process joins the process group and trains its share of every batch.
     """
-    status = on_status or (lambda _msg: None)
-    out = Path(out)
+    procs = distributed.start(train_config.device)
+    try:
+        return _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume,
+                      distributed.default_workers() if num_workers is None else num_workers,
+                      on_progress if procs.main else None, (on_status or (lambda _m: None)) if procs.main
+                      else (lambda _m: None))
+    finally:
+        procs.close()
+
+
+def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: ModelConfig,
+           train_config: TrainConfig, size: int | None, sample_rate: int | None, resume: bool, workers: int,
+           on_progress: ProgressFn | None, status: Callable[[str], None]) -> TrainResult:
     train_config.validate()
+    if workers < 0:
+        raise VqtokError(f"--num-workers must be >= 0, got {workers}")
+    if train_config.batch_size % procs.world:
+        raise VqtokError(f"--batch-size {train_config.batch_size} must be a multiple of the {procs.world} "
+                         "processes (it is the global batch, split evenly across them)")
     modality, paths = data.find_inputs(list(inputs))
+    model_config, train_config = _run_configs(out, paths, modality, model_config, train_config, size,
+                                              sample_rate, resume)
+    status(f"found {len(paths)} {modality} files")
+    task: Task = ImageTask(paths, model_config, train_config) if modality == "image" else \
+        AudioTask(paths, model_config, train_config)
+    procs.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    if procs.main and not resume:
+        _write_run_info(out, inputs, paths, task, model_config, train_config)
+
+    torch.manual_seed(train_config.seed)
+    model = Tokenizer(model_config).to(procs.device)
+    optimizer = torch.optim.AdamW(model_param_groups(model, train_config.lr), lr=train_config.lr,
+                                  weight_decay=train_config.weight_decay)
+    start = load_checkpoint(out, model, optimizer) if resume else 0
+    if resume:
+        status(f"resuming from step {start}")
+    run = _Run(procs, task, model, optimizer, train_config, out, workers, on_progress)
+    begin = time.perf_counter()
+    run.steps(start)
+    seconds = time.perf_counter() - begin
+    skipped = sorted(set(procs.gather(sorted(run.skipped))))
+    final: dict[str, float] = {}
+    if procs.main:
+        model.eval()
+        save_model(model, out / "model.safetensors",
+                   extra={"vqtok.train": json.dumps(dataclasses.asdict(train_config))})
+        final = run.validate()
+    ran = train_config.steps - start
+    return TrainResult(out, out / "model.safetensors", train_config.steps, seconds,
+                       ran / seconds if seconds > 0 else 0.0, len(task.train_data), len(task.val_data),
+                       skipped, final, procs.rank, model)
+
+
+def _run_configs(out: Path, paths: list[Path], modality: str, model_config: ModelConfig,
+                 train_config: TrainConfig, size: int | None, sample_rate: int | None,
+                 resume: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a run uses: the stored ones on resume (after checking the data is the same), else the given
+    ones fitted to the data."""
     run_file = out / "run.json"
     if resume:
         if not run_file.exists():
             raise VqtokError(f"{out}: nothing to resume (no run.json); start a new run without --resume")
         stored = json.loads(run_file.read_text())
-        model_config = ModelConfig.from_json(json.dumps(stored["model"]))
-        train_config = TrainConfig(**stored["train"])
         if stored["data"]["fingerprint"] != _files_fingerprint(paths):
             raise VqtokError(f"{out}: the data files differ from the ones this run started with; cannot resume")
-    else:
-        if run_file.exists():
-            raise VqtokError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
-        model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
+        model_config = ModelConfig.from_json(json.dumps(stored["model"]))
+        return model_config, TrainConfig(**{**stored["train"], "device": train_config.device})
+    if run_file.exists():
+        raise VqtokError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
+    model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
     model_config.validate()
+    return model_config, train_config
 
-    torch.manual_seed(train_config.seed)
-    device = pick_device(train_config.device)
-    status(f"reading {len(paths)} {modality} files")
-    train_set, val_set, skipped = build_training_sets(paths, model_config, train_config)
-    if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        run_info = {
-            "vqtok_version": __version__,
-            "model": json.loads(model_config.to_json()),
-            "train": dataclasses.asdict(train_config),
-            "seed": train_config.seed,
-            "data": {
-                "inputs": [str(p) for p in inputs],
-                "files": len(paths),
-                "train_files": len(train_set),
-                "val_files": len(val_set),
-                "skipped": [[str(p), why] for p, why in skipped],
-                "fingerprint": _files_fingerprint(paths),
-            },
-        }
-        write_bytes_atomic(run_file, (json.dumps(run_info, indent=2) + "\n").encode())
 
-    model = Tokenizer(model_config).to(device)
-    optimizer = torch.optim.AdamW(
-        model_param_groups(model, train_config.lr), lr=train_config.lr, weight_decay=train_config.weight_decay
-    )
-    sampler = torch.Generator().manual_seed(train_config.seed)
-    start_step = 0
-    if resume:
-        start_step = _load_checkpoint(out, model, optimizer, sampler)
-        status(f"resuming from step {start_step}")
+def _write_run_info(out: Path, inputs: Sequence[Path], paths: list[Path], task: Task, model_config: ModelConfig,
+                    train_config: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "vqtok_version": __version__,
+        "model": json.loads(model_config.to_json()),
+        "train": dataclasses.asdict(train_config),
+        "seed": train_config.seed,
+        "data": {
+            "inputs": [str(p) for p in inputs],
+            "files": len(paths),
+            "train_files": len(task.train_data),
+            "val_files": len(task.val_data),
+            "fingerprint": _files_fingerprint(paths),
+        },
+    }
+    write_bytes_atomic(out / "run.json", (json.dumps(info, indent=2) + "\n").encode())
 
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-    begin = time.perf_counter()
-    last_log, last_time = start_step, begin
-    step = start_step
-    model.train()
-    with metrics_path.open("a") as metrics_file:
-        for step in range(start_step, train_config.steps):
-            lr_now = learning_rate(step, train_config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now * group.get("lr_mult", 1.0)
-            batch = train_set.sample(train_config.batch_size, sampler).to(device, non_blocking=True)
-            out_ = model(batch)
-            recon_loss = train_set.reconstruction_loss(out_.recon, batch)
-            loss = recon_loss + sum(out_.losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
 
-            done = step + 1
-            if done % train_config.log_every == 0 or done == train_config.steps:
-                now = time.perf_counter()
-                record = {
-                    "split": "train",
-                    "step": done,
-                    "lr": lr_now,
-                    "loss": loss.item(),
-                    "recon": recon_loss.item(),
-                    **{k: v.item() for k, v in out_.losses.items()},
-                    **train_set.batch_metrics(out_.recon.detach(), batch),
-                    **_scalar_usage(model),
-                    "steps_per_s": (done - last_log) / max(now - last_time, 1e-9),
-                    "elapsed_s": now - begin,
-                }
-                last_log, last_time = done, now
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if on_progress:
-                    on_progress(done, train_config.steps, record)
-            if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-                val = evaluate_set(model, val_set, train_config.batch_size, device)
-                metrics_file.write(json.dumps({"split": "val", "step": done, **val}) + "\n")
-                metrics_file.flush()
-                _save_checkpoint(out, model, optimizer, sampler, done)
-                _write_preview(out, model, val_set, done, device)
-                model.train()
+class _Run:
+    """The state of the steps of one run on one process: model (wrapped for DDP), optimizer, data, logs."""
 
-    seconds = time.perf_counter() - begin
-    model_path = out / "model.safetensors"
-    model.eval()
-    save_model(model, model_path, extra={"vqtok.train": json.dumps(dataclasses.asdict(train_config))})
-    final = evaluate_set(model, val_set, train_config.batch_size, device)
-    ran = train_config.steps - start_step
-    return TrainResult(
-        run_dir=out,
-        model_path=model_path,
-        steps=train_config.steps,
-        seconds=seconds,
-        steps_per_second=ran / seconds if seconds > 0 else 0.0,
-        train_files=len(train_set),
-        val_files=len(val_set),
-        skipped=[(str(p), why) for p, why in skipped],
-        final=final,
-    )
+    def __init__(self, procs: Processes, task: Task, model: Tokenizer, optimizer: torch.optim.Optimizer,
+                 config: TrainConfig, out: Path, workers: int, on_progress: ProgressFn | None):
+        self.procs, self.task, self.model, self.optimizer = procs, task, model, optimizer
+        self.config, self.out, self.workers, self.on_progress = config, out, workers, on_progress
+        self.skipped: set[tuple[str, str]] = set(task.skipped)
+        # The quantizer keeps its buffers identical on every rank itself, so DDP must not overwrite them with
+        # rank 0's. Stage dropout and the alternating inner step leave parameters out of some steps' graphs.
+        q = model.config.quantizer
+        unused = q.alternate or (q.stages > 1 and q.stage_dropout > 0)
+        self.net = model if procs.world == 1 else DistributedDataParallel(
+            model, broadcast_buffers=False, find_unused_parameters=unused)
+
+    def _loader(self, dataset: Any, batches: Iterable[list[Any]]) -> DataLoader:
+        # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
+        # the model's random draws depend on the number of loaders made so far.
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.workers,
+                          pin_memory=self.procs.device.type == "cuda", generator=torch.Generator(),
+                          prefetch_factor=4 if self.workers else None)
+
+    def steps(self, start: int) -> None:
+        """Train from step `start` to the end, logging, validating and checkpointing as configured."""
+        cfg, task = self.config, self.task
+        plan = BatchPlan(len(task.train_data), cfg.batch_size, cfg.seed, start, cfg.steps, self.procs.rank,
+                         self.procs.world, task.weights)
+        metrics_path = self.out / "metrics.jsonl"
+        if self.procs.main:
+            truncate_metrics(metrics_path, start)
+        self.model.train()
+        self._clock = (start, time.perf_counter(), time.perf_counter())
+        with (metrics_path.open("a") if self.procs.main else _NoFile()) as log:
+            for step, batch in zip(range(start, cfg.steps), self._loader(task.train_data, plan)):
+                record = self._step(step, batch)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    self._log(log, done, record)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self._checkpoint(log, done)
+
+    def _step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        lr = learning_rate(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        self.skipped.update(batch.skipped)
+        x = self.task.prepare(batch.inputs.to(self.procs.device, non_blocking=True))
+        out = self.net(x)
+        recon = self.task.reconstruction_loss(out.recon, x)
+        loss = recon + sum(out.losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"lr": torch.tensor(lr), "loss": loss.detach(), "recon": recon.detach(),
+                **{k: v.detach() for k, v in out.losses.items()}, "_recon": out.recon.detach(), "_x": x}
+
+    def _log(self, log: Any, done: int, step_out: dict[str, torch.Tensor]) -> None:
+        """One metrics line: losses and batch figures averaged over the processes, codebook figures."""
+        local = {k: float(v) for k, v in step_out.items() if not k.startswith("_")}
+        local.update(self.task.batch_metrics(step_out["_recon"], step_out["_x"]))
+        figures = self.procs.mean(local)
+        if not self.procs.main:
+            return
+        last_step, last_time, begin = self._clock
+        now = time.perf_counter()
+        usage = {k: float(v) for k, v in self.model.quantizer.usage_stats().items() if isinstance(v, (int, float))}
+        record = {"split": "train", "step": done, **figures, **usage,
+                  "steps_per_s": (done - last_step) / max(now - last_time, 1e-9), "elapsed_s": now - begin}
+        self._clock = (done, now, begin)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if self.on_progress:
+            self.on_progress(done, self.config.steps, record)
+
+    def _checkpoint(self, log: Any, done: int) -> None:
+        """Rank 0 validates, saves a checkpoint and a preview; the other ranks go on to the next step and wait
+        for it in that step's collectives."""
+        if not self.procs.main:
+            return
+        log.write(json.dumps({"split": "val", "step": done, **self.validate()}) + "\n")
+        log.flush()
+        save_checkpoint(self.out, self.model, self.optimizer, done)
+        self.model.eval()
+        self.task.preview(self.model, self.out / "previews" / f"step_{done:07d}.png", self.procs.device)
+        self.model.train()
+
+    def validate(self) -> dict[str, float]:
+        """Validation figures over the fixed held-out items (eval mode: no rotation, no codebook upkeep)."""
+        was_training = self.model.training
+        self.model.eval()
+        task = self.task
+        size = self.config.batch_size if task.modality == "image" else 1  # audio segments differ in length
+        loader = self._loader(task.val_data, batches_of(task.val_items, size))
+        with torch.no_grad():
+            result = task.evaluate(self.model, self._inputs(loader), self.procs.device)
+        self.model.train(was_training)
+        return result
+
+    def _inputs(self, loader: DataLoader) -> Iterator[torch.Tensor]:
+        for batch in loader:
+            self.skipped.update(batch.skipped)
+            yield self.task.prepare(batch.inputs)
+
+
+class _NoFile:
+    """Stands in for the metrics file on ranks that do not write one."""
+
+    def __enter__(self) -> "_NoFile":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
 
 
 def model_param_groups(model: Tokenizer, lr: float) -> list[dict[str, Any]]:
@@ -209,16 +316,6 @@ def model_param_groups(model: Tokenizer, lr: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-@torch.no_grad()
-def evaluate_set(model: Tokenizer, val_set: TrainingSet, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Validation figures over the whole held-out set (eval mode: no rotation, no codebook upkeep)."""
-    was_training = model.training
-    model.eval()
-    result = val_set.evaluate(model, batch_size, device)
-    model.train(was_training)
-    return result
-
-
 def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], size: int | None,
                       sample_rate: int | None) -> ModelConfig:
     config = dataclasses.replace(config, modality=modality)
@@ -226,17 +323,10 @@ def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], siz
         config.in_channels = 3
         config.image_size = size or data.default_image_size(paths, multiple=config.downsample)
     else:
-        from vqtok.training.audiosets import default_sample_rate
-
         config.in_channels = 1
         config.downsample = math.prod(config.audio_strides)
         config.sample_rate = sample_rate or default_sample_rate(paths)
     return config
-
-
-def _scalar_usage(model: Tokenizer) -> dict[str, float]:
-    usage = model.quantizer.usage_stats()
-    return {k: float(v) for k, v in usage.items() if isinstance(v, (int, float))}
 
 
 def _files_fingerprint(paths: list[Path]) -> str:
@@ -244,71 +334,3 @@ def _files_fingerprint(paths: list[Path]) -> str:
     for p in paths:
         h.update(str(p).encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so the log has no steps twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def _save_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimizer,
-                     sampler: torch.Generator, step: int) -> None:
-    """Model, optimizer and RNG state as tensors; scalars and param-group settings as JSON metadata."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    scalars: dict[str, Any] = {}
-    for pid, state in opt_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.sampler"] = sampler.get_state()
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt_state["param_groups"]]
-    metadata = {"step": str(step), "optim.groups": json.dumps(groups), "optim.scalars": json.dumps(scalars)}
-    folder = _checkpoint_dir(out)
-    with atomic_path(folder / f"step_{step:07d}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    for old in sorted(folder.glob("step_*.safetensors"))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
-
-
-def _load_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> int:
-    from safetensors import safe_open
-
-    found = sorted(_checkpoint_dir(out).glob("step_*.safetensors"))
-    if not found:
-        raise VqtokError(f"{out}: no checkpoint to resume from in {_checkpoint_dir(out)}")
-    path = found[-1]
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in json.loads(metadata["optim.scalars"]).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
-    sampler.set_state(tensors["rng.sampler"])
-    return int(metadata["step"])
-
-
-def _write_preview(out: Path, model: Tokenizer, val_set: TrainingSet, step: int, device: torch.device) -> None:
-    was_training = model.training
-    model.eval()
-    val_set.preview(model, out / "previews" / f"step_{step:07d}.png", device)
-    model.train(was_training)
-
