@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -94,3 +95,59 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate(100, config) == pytest.approx(1e-4)
     values = [learning_rate(s, config) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_workers_do_not_change_the_run(images: Path, tmp_path: Path) -> None:
+    """Items are named by (file, seed) from the step number, so who reads them cannot change what is read."""
+    models = []
+    for workers in (0, 2):
+        result = train([images], tmp_path / f"w{workers}", tiny_model(), tiny_train(steps=12), num_workers=workers)
+        models.append(load_file(str(result.model_path)))
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+
+
+def test_crops_are_random_and_seeded(tmp_path: Path) -> None:
+    from vqtok.data.streams import BatchPlan, ImageCrops
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(big)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (10, 20), (200, 10, 10)).save(small)
+    crops = ImageCrops([big, small], 16)
+    plan = BatchPlan(2, 8, seed=3, start=0, stop=4)
+    items = [item for batch in plan for item in batch]
+    assert sorted(f for f, _ in items) == [0] * 16 + [1] * 16  # epochs: every file once per epoch
+    first = [crops[item][0] for item in items]
+    assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x in first)
+    assert all(torch.equal(a, crops[item][0]) for a, item in zip(first, items))  # same item, same crop
+    source = torch.from_numpy(np.asarray(Image.open(big))).permute(2, 0, 1)
+    offsets = set()
+    for (f, _), crop in zip(items, first):
+        if f == 0:  # a crop of the file at its own scale
+            hits = [(y, x) for y in range(25) for x in range(45) if torch.equal(source[:, y:y + 16, x:x + 16], crop)]
+            assert hits
+            offsets.add(hits[0])
+        else:  # smaller than the crop: resized up, so every pixel is the flat colour
+            assert (crop[0] == 200).all()
+    assert len(offsets) > 4
+    # Two ranks take the two halves of every global batch.
+    halves = [list(BatchPlan(2, 8, 3, 0, 4, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == list(plan)
+    with pytest.raises(ValueError, match="multiple"):
+        BatchPlan(2, 7, 3, 0, 4, rank=0, world=2)
+
+
+def test_resume_starts_the_plan_at_the_step() -> None:
+    from vqtok.data.streams import BatchPlan
+
+    whole = list(BatchPlan(50, 8, seed=1, start=0, stop=20))
+    assert list(BatchPlan(50, 8, seed=1, start=13, stop=20)) == whole[13:]
+    weighted = BatchPlan(3, 64, seed=1, start=0, stop=50, weights=torch.tensor([1.0, 0.0, 3.0]))
+    counts = np.bincount([f for batch in weighted for f, _ in batch], minlength=3)
+    assert counts[1] == 0 and 2.5 < counts[2] / counts[0] < 3.5
+
+
+def test_bad_worker_count(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(VqtokError, match="num-workers"):
+        train([images], tmp_path / "run", tiny_model(), tiny_train(), num_workers=-1)

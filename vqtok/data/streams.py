@@ -164,7 +164,7 @@ class ImageCrops(_FileItems):
             h, w = max(s, round(h * scale)), max(s, round(w * scale))
             arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
         top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
-        crop = np.ascontiguousarray(arr[top:top + s, left:left + s])
+        crop = np.require(arr[top:top + s, left:left + s], requirements=["C", "W"])
         return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
 
 

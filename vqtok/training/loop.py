@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -204,7 +205,7 @@ class _Run:
         q = model.config.quantizer
         unused = q.alternate or (q.stages > 1 and q.stage_dropout > 0)
         self.net = model if procs.world == 1 else DistributedDataParallel(
-            model, broadcast_buffers=False, find_unused_parameters=unused)
+            model, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
 
     def _loader(self, dataset: Any, batches: Iterable[list[Any]]) -> DataLoader:
         # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
@@ -293,6 +294,12 @@ class _Run:
         for batch in loader:
             self.skipped.update(batch.skipped)
             yield self.task.prepare(batch.inputs)
+
+
+# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers; older releases know only the first.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 class _NoFile:
