@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vqtok.config import QuantizerConfig
 from vqtok.quantize.search import nearest
-from vqtok.quantize import upkeep
+import vqtok.quantize.upkeep as upkeep
 from vqtok.quantize.stages import QuantizerOutput, run_stages
 
 _LAPLACE = 1e-5  # EMA cluster-size smoothing (VQ-VAE appendix)

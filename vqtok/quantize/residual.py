@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from vqtok.config import QuantizerConfig
 from vqtok.errors import VqtokError
 from vqtok.quantize.search import nearest
-from vqtok.quantize import upkeep
+import vqtok.quantize.upkeep as upkeep
 from vqtok.quantize.codebook import VectorQuantizer
 from vqtok.quantize.stages import QuantizerOutput, run_stages, sum_codes
 

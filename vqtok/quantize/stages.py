@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vqtok.config import QuantizerConfig
 from vqtok.quantize.search import nearest
-from vqtok.quantize import upkeep
+import vqtok.quantize.upkeep as upkeep
 from vqtok.quantize.estimators import rotation_trick, straight_through, synchronized
 
 
