@@ -180,7 +180,9 @@ def _read_rgb(path: Path) -> np.ndarray:
                     "(decompression-bomb guard)"
                 )
             im.load()
-            return _to_rgb_array(ImageOps.exif_transpose(im))
+            # In place: a plain exif_transpose returns a full copy even when there is nothing to rotate.
+            ImageOps.exif_transpose(im, in_place=True)
+            return _to_rgb_array(im)
     except _BadInput:
         raise
     except Image.DecompressionBombError as err:
@@ -208,7 +210,9 @@ def load_image(path: Path | str) -> torch.Tensor:
         arr = _read_rgb(path)
     except _BadInput as err:
         raise VqtokError(f"{path}: {err}") from None
-    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1).contiguous()
+    # One copy, straight into channel-first order (the decoded array may be read-only): a 48 MP photo then
+    # peaks at two image-sized buffers instead of four.
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))
 
 
 def save_image(path: Path | str, image: torch.Tensor) -> None:
