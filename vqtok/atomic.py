@@ -12,35 +12,50 @@ from pathlib import Path
 from typing import Iterator
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
-
-    The temporary name keeps the target's suffix so writers that pick a format from it (Pillow, soundfile)
-    still work.
-    """
-    target = Path(path)
+def _temp_beside(target: Path) -> tuple[int, Path]:
+    """An open temporary file in the target's folder (created if missing), keeping the target's suffix so
+    writers that pick a format from it (Pillow, soundfile) still work: (descriptor, path)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it."""
+    target = Path(path)
+    fd, tmp_path = _temp_beside(target)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically, through the temporary file's own descriptor (one open, not two: this
+    is the per-file cost of an encode run that writes many small token files)."""
+    target = Path(path)
+    fd, tmp_path = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _read_umask() -> int:
+    # The only way to read the umask is to set it; done once, at import, rather than around every file, so
+    # no other thread can create a file while it is briefly 0.
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+_UMASK = _read_umask()

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
+from vqtok.defaults import AUDIO
 from vqtok.errors import VqtokError
 
 app = typer.Typer(
@@ -35,20 +36,6 @@ _state = {"verbose": False}
 _Q = QuantizerConfig()
 _M = ModelConfig()
 _T = TrainConfig()
-# Audio defaults where they differ from the image ones: a network small enough to train usefully on a CPU
-# (64 channels, one residual unit per stride), batches of 8 quarter-second segments (more steps in the same
-# time: on FSDD, 3 minutes of training reach -5.8 dB SI-SNR with 0.25 s, -7.5 dB with 0.5 s and -9.1 dB with
-# 1 s segments), and 8 residual stages of 1024
-# codes (4 kbps at 16 kHz, 50 frames/s) trained with stage dropout so the first 1, 2, 4... stages decode
-# on their own at lower bitrates.
-_AUDIO: dict[str, Any] = {"batch_size": 8, "channels": 64, "res_blocks": 1, "codebook_size": 1024, "stages": 8,
-                          "stage_dropout": 0.5, "segment_seconds": 0.25,
-                          # The audio figures in benchmarks/README.md were measured with the loss-trained,
-                          # affine + synchronized-commitment codebooks; the image defaults differ.
-                          "codebook_update": "loss", "beta": 0.25, "affine": "learned", "sync_nu": 0.2,
-                          "dead_code_steps": 100}
-
-
 class Estimator(str, Enum):
     ste = "ste"
     rotation = "rotation"
@@ -140,7 +127,7 @@ def train(
     data: Annotated[list[Path], typer.Argument(help="Folders or files of images (or audio) to train on.")],
     run_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics, previews, model.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _T.steps,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Items per step (default: {_T.batch_size} images, {_AUDIO['batch_size']} audio segments).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Items per step, over all processes under torchrun (default: {_T.batch_size} images, {AUDIO['batch_size']} audio segments).")] = None,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, then cosine decay).")] = _T.lr,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = _T.warmup,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batches (recorded in run.json).")] = _T.seed,
@@ -148,85 +135,61 @@ def train(
     downsample: Annotated[int, typer.Option(help="Image downsampling factor per side: 4, 8 or 16.")] = _M.downsample,
     sample_rate: Annotated[Optional[int], typer.Option(help="Audio model rate in Hz; files are resampled to it (default: the most common rate of the files).")] = None,
     strides: Annotated[str, typer.Option(help="Audio encoder strides; their product is the hop (2,4,5,8: 320 samples, 50 frames/s at 16 kHz).")] = ",".join(map(str, _M.audio_strides)),
-    segment_seconds: Annotated[float, typer.Option(help="Audio training crop length in seconds.")] = _AUDIO["segment_seconds"],
-    channels: Annotated[Optional[int], typer.Option(help=f"Hidden channels of the encoder/decoder (default: {_M.channels} images, {_AUDIO['channels']} audio).")] = None,
-    res_blocks: Annotated[Optional[int], typer.Option(help=f"Residual blocks on each side (audio: per stride) (default: {_M.res_blocks} images, {_AUDIO['res_blocks']} audio).")] = None,
+    segment_seconds: Annotated[float, typer.Option(help="Audio training crop length in seconds.")] = AUDIO["segment_seconds"],
+    channels: Annotated[Optional[int], typer.Option(help=f"Hidden channels of the encoder/decoder (default: {_M.channels} images, {AUDIO['channels']} audio).")] = None,
+    res_blocks: Annotated[Optional[int], typer.Option(help=f"Residual blocks on each side (audio: per stride) (default: {_M.res_blocks} images, {AUDIO['res_blocks']} audio).")] = None,
     code_dim: Annotated[int, typer.Option(help="Code vector dimension D.")] = _Q.dim,
-    codebook_size: Annotated[Optional[int], typer.Option(help=f"Codes per codebook K (default: {_Q.codebook_size} images, {_AUDIO['codebook_size']} audio).")] = None,
-    stages: Annotated[Optional[int], typer.Option(help=f"Residual quantizer stages (codebooks) (default: {_Q.stages} images, {_AUDIO['stages']} audio).")] = None,
-    stage_dropout: Annotated[Optional[float], typer.Option(help=f"Probability that a training step uses only a random prefix of the stages, so one model serves several bitrates (encode --stages N) (default: {_AUDIO['stage_dropout']} for audio with several stages, else 0).")] = None,
+    codebook_size: Annotated[Optional[int], typer.Option(help=f"Codes per codebook K (default: {_Q.codebook_size} images, {AUDIO['codebook_size']} audio).")] = None,
+    stages: Annotated[Optional[int], typer.Option(help=f"Residual quantizer stages (codebooks) (default: {_Q.stages} images, {AUDIO['stages']} audio).")] = None,
+    stage_dropout: Annotated[Optional[float], typer.Option(help=f"Probability that a training step uses only a random prefix of the stages, so one model serves several bitrates (encode --stages N) (default: {AUDIO['stage_dropout']} for audio with several stages, else 0).")] = None,
     estimator: Annotated[Estimator, typer.Option(help="Gradient estimator: ste (VQ-VAE) or rotation (Fifty et al. 2024).")] = Estimator(_Q.estimator),
-    codebook_update: Annotated[Optional[CodebookUpdate], typer.Option(help=f"Codebook learning: loss (codebook loss) or ema (default: {_Q.codebook_update} images, {_AUDIO['codebook_update']} audio).")] = None,
+    codebook_update: Annotated[Optional[CodebookUpdate], typer.Option(help=f"Codebook learning: loss (codebook loss) or ema (default: {_Q.codebook_update} images, {AUDIO['codebook_update']} audio).")] = None,
     codebook_weight: Annotated[float, typer.Option(help="Weight of the codebook loss ||sg(z) - q||^2.")] = _Q.codebook_weight,
-    beta: Annotated[Optional[float], typer.Option(help=f"Weight of the commitment loss ||z - sg(q)||^2 (default: {_Q.beta} images, {_AUDIO['beta']} audio).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help=f"Weight of the commitment loss ||z - sg(q)||^2 (default: {_Q.beta} images, {AUDIO['beta']} audio).")] = None,
     ema_decay: Annotated[float, typer.Option(help="Decay of the EMA codebook statistics.")] = _Q.ema_decay,
-    affine: Annotated[Optional[Affine], typer.Option(help=f"Affine codebook re-parameterization (Huh et al. 2023): off, learned or stats (default: {_Q.affine} images, {_AUDIO['affine']} audio).")] = None,
+    affine: Annotated[Optional[Affine], typer.Option(help=f"Affine codebook re-parameterization (Huh et al. 2023): off, learned or stats (default: {_Q.affine} images, {AUDIO['affine']} audio).")] = None,
     affine_groups: Annotated[int, typer.Option(help="Code groups with their own affine parameters.")] = _Q.affine_groups,
     affine_lr_mult: Annotated[float, typer.Option(help="Learning-rate multiplier of the affine parameters.")] = _Q.affine_lr_mult,
-    sync_nu: Annotated[Optional[float], typer.Option(help=f"Synchronized commitment weight nu, 0 = off (default: {_Q.sync_nu} images, {_AUDIO['sync_nu']} audio).")] = None,
+    sync_nu: Annotated[Optional[float], typer.Option(help=f"Synchronized commitment weight nu, 0 = off (default: {_Q.sync_nu} images, {AUDIO['sync_nu']} audio).")] = None,
     alternate: Annotated[bool, typer.Option(help="Alternating optimization: an inner codebook step before each encoder update.")] = _Q.alternate,
     alternate_lr: Annotated[float, typer.Option(help="Learning rate of the inner codebook optimizer.")] = _Q.alternate_lr,
     kmeans_init: Annotated[bool, typer.Option(help="k-means++ codebook initialisation from the first batch.")] = _Q.kmeans_init,
-    dead_code_steps: Annotated[Optional[int], typer.Option(help=f"Re-seed codes unused for this many steps, 0 = never (default: {_Q.dead_code_steps} images, {_AUDIO['dead_code_steps']} audio).")] = None,
+    dead_code_steps: Annotated[Optional[int], typer.Option(help=f"Re-seed codes unused for this many steps, 0 = never (default: {_Q.dead_code_steps} images, {AUDIO['dead_code_steps']} audio).")] = None,
     cosine: Annotated[bool, typer.Option(help="Cosine codebook: l2-normalised codes and inputs.")] = _Q.cosine,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    num_workers: Annotated[Optional[int], typer.Option(help="Worker processes reading training files, per process (0: read in the training process; default: from the core count).")] = None,
     device: DeviceOpt = _T.device,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a tokenizer on a folder of images or audio; writes OUT/model.safetensors and the run's checkpoints."""
+    """Train a tokenizer on a folder of images or audio; writes OUT/model.safetensors and the run's checkpoints.
+    Under torchrun (`torchrun --nproc_per_node N -m vqtok train ...`) the processes share each batch."""
     from vqtok.data.io import find_inputs
+    from vqtok.defaults import training_configs
     from vqtok.training.loop import train as run_training
 
     with _user_errors():
-        audio = find_inputs(data)[0] == "audio"
-        audio_strides = _parse_strides(strides)
-
-    def pick(given: Any, image_default: Any, key: str) -> Any:
-        return given if given is not None else (_AUDIO[key] if audio else image_default)
-
-    stages = pick(stages, _Q.stages, "stages")
-    if stage_dropout is None:
-        stage_dropout = _AUDIO["stage_dropout"] if audio and stages > 1 else _Q.stage_dropout
-    quantizer = QuantizerConfig(
-        dim=code_dim, codebook_size=pick(codebook_size, _Q.codebook_size, "codebook_size"), stages=stages,
-        stage_dropout=stage_dropout, estimator=estimator.value,
-        codebook_update=codebook_update.value if codebook_update else pick(None, _Q.codebook_update, "codebook_update"),
-        codebook_weight=codebook_weight, beta=pick(beta, _Q.beta, "beta"), ema_decay=ema_decay,
-        affine=affine.value if affine else pick(None, _Q.affine, "affine"), affine_groups=affine_groups,
-        affine_lr_mult=affine_lr_mult, sync_nu=pick(sync_nu, _Q.sync_nu, "sync_nu"), alternate=alternate,
-        alternate_lr=alternate_lr, kmeans_init=kmeans_init,
-        dead_code_steps=pick(dead_code_steps, _Q.dead_code_steps, "dead_code_steps"),
-        cosine=cosine,
-    )
-    model_config = ModelConfig(channels=pick(channels, _M.channels, "channels"), downsample=downsample,
-                               res_blocks=pick(res_blocks, _M.res_blocks, "res_blocks"),
-                               audio_strides=audio_strides, quantizer=quantizer)
-    train_config = TrainConfig(steps=steps, batch_size=pick(batch_size, _T.batch_size, "batch_size"), lr=lr,
-                               warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
-                               val_fraction=val_fraction, segment_seconds=segment_seconds, device=device)
-    progress = _progress()
-    task = progress.add_task("training", total=steps, info="", start=False)
-
-    def on_progress(step: int, total: int, m: dict[str, float]) -> None:
-        if not progress.live.is_started:  # only once data is read, so an early error prints alone
-            progress.start()
-            progress.start_task(task)
-        info = f"loss {m['loss']:.4f}"
-        if "psnr" in m:
-            info += f"  psnr {m['psnr']:.2f} dB"
-        if "si_snr" in m:
-            info += f"  si-snr {m['si_snr']:.2f} dB"
-        info += f"  usage {100 * m.get('usage', 0):.1f}%"
-        progress.update(task, completed=step, total=total, info=info)
-
+        model_config, train_config = training_configs(
+            find_inputs(data)[0], steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+            downsample=downsample, audio_strides=_parse_strides(strides), segment_seconds=segment_seconds,
+            channels=channels, res_blocks=res_blocks, code_dim=code_dim, codebook_size=codebook_size,
+            stages=stages, stage_dropout=stage_dropout, estimator=estimator.value,
+            codebook_update=codebook_update.value if codebook_update else None, codebook_weight=codebook_weight,
+            beta=beta, ema_decay=ema_decay, affine=affine.value if affine else None, affine_groups=affine_groups,
+            affine_lr_mult=affine_lr_mult, sync_nu=sync_nu, alternate=alternate, alternate_lr=alternate_lr,
+            kmeans_init=kmeans_init, dead_code_steps=dead_code_steps, cosine=cosine,
+            checkpoint_every=checkpoint_every, val_fraction=val_fraction, device=device)
+    progress, on_progress = _training_progress(steps)
     try:
         with _user_errors():
             result = run_training(data, run_dir, model_config, train_config, size=size, sample_rate=sample_rate,
-                                  resume=resume, on_progress=on_progress, on_status=lambda msg: err.log(msg))
+                                  resume=resume, num_workers=num_workers, on_progress=on_progress,
+                                  on_status=lambda msg: err.log(msg))
     finally:
         progress.stop()
+    if result.rank != 0:  # under torchrun, rank 0 speaks for the run
+        return
     _report_failures(result.skipped)
     if json_out:
         _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,
@@ -238,28 +201,54 @@ def train(
     _exit_if_skipped(result.skipped)
 
 
+def _training_progress(steps: int) -> tuple[Progress, Any]:
+    """A progress bar for training and the callback that feeds it; the bar appears with the first logged step,
+    so an early error prints alone."""
+    progress = _progress()
+    task = progress.add_task("training", total=steps, info="", start=False)
+
+    def on_progress(step: int, total: int, m: dict[str, float]) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        info = f"loss {m['loss']:.4f}"
+        if "psnr" in m:
+            info += f"  psnr {m['psnr']:.2f} dB"
+        if "si_snr" in m:
+            info += f"  si-snr {m['si_snr']:.2f} dB"
+        info += f"  usage {100 * m.get('usage', 0):.1f}%"
+        progress.update(task, completed=step, total=total, info=info)
+
+    return progress, on_progress
+
+
 @app.command()
 def encode(
     model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Files or folders to encode (walked recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .vqt files; mirrors the input tree.")],
     force: Annotated[bool, typer.Option(help="Re-encode files whose token file already exists.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Files per forward pass (same-shaped files are batched).")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Files a decoding worker reads at a time. The model's batches are sized by image shape, so the codes never depend on this.")] = 32,
     codec: Annotated[Codec, typer.Option(help="Token payload: packed (ceil(log2 K) bits/code) or entropy (model table).")] = Codec.packed,
     shard: Annotated[bool, typer.Option(help="Write one memory-mappable token shard (OUT/shard.*) for training on tokens, instead of .vqt files.")] = False,
     stages: Annotated[Optional[int], typer.Option(help="Keep only the first N residual stages: a lower bitrate (default: all).")] = None,
     channels: Annotated[ChannelMode, typer.Option(help="Audio: mono mixes the channels down; keep tokenizes each channel.")] = ChannelMode.mono,
     chunk_seconds: Annotated[Optional[float], typer.Option(help="Audio: seconds encoded at a time; memory follows the chunk, not the file (default: 30).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Images: processes decoding files while the model runs; 0 decodes in the main process (default: half the CPU cores, 1 to 8).")] = None,
+    part: Annotated[Optional[str], typer.Option(help="Encode only part I of N of the file list (e.g. 2/3: the second of three contiguous slices), to share a data set among machines; under torchrun each process takes its share automatically. A part's shard is OUT/shard-0000I-of-0000N.*.")] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Turn files into .vqt token files (one per input), or into one token shard with --shard."""
+    """Turn files into .vqt token files (one per input), or into one token shard with --shard. Rerun after a crash:
+    files (or part shards) already written are skipped."""
+    from vqtok.jobs.encoding import parse_part
     from vqtok.jobs.pipeline import encode_files
 
     with _user_errors(), _file_progress("encoding") as on_file:
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
                               codec=codec.value, stages=stages, shard=shard, channels=channels.value,
-                              chunk_seconds=chunk_seconds, on_file=on_file)
+                              chunk_seconds=chunk_seconds, num_workers=num_workers,
+                              part=parse_part(part) if part is not None else None, on_file=on_file)
     _finish_run(report, "encoded", json_out)
 
 
@@ -370,13 +359,14 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="A model.safetensors.")],
     data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
     batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
-    stages: Annotated[Optional[int], typer.Option(help="Audio: score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
+    stages: Annotated[Optional[int], typer.Option(help="Score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the first file(s): reconstructions (images) or log-mel spectrograms (audio).")] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Reconstruction quality (PSNR, SSIM, MSE for images; SI-SNR, log-mel distance, kbps for audio) and codebook
-    figures of a model over a folder."""
+    """Reconstruction quality (PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR, log-mel distance, kbps for audio) and
+    codebook figures of a model over a folder. Images also get bits per pixel: of the codes alone
+    (bits_per_pixel) and of the token files `vqtok encode` would write (bpp_packed_file, bpp_entropy_file)."""
     from vqtok.jobs.report import evaluate_model
 
     with _user_errors():

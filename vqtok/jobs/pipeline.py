@@ -1,15 +1,17 @@
 """Files to token files and back: `encode_files` and `decode_files`, the work behind `vqtok encode / decode`.
 
 Both mirror the input tree under the output folder, batch files of equal shape, skip and report a bad file and
-go on, and write every output atomically. Images are padded (edge-replicated) to a multiple of the model's
-downsampling factor; the original size goes into the token file and decode crops back to it. Audio is read,
-resampled to the model's rate, encoded, decoded and written in chunks (vqtok.audiostream), so a file of any
-length fits in memory; its token header keeps the original rate, length and channel count, and decode
-writes a WAV at that rate and exact length.
+go on, and write every output atomically. Encoding decodes images in worker processes (vqtok.data.readers)
+while the model runs, writes on a background thread, and can take one part of the files (vqtok.jobs.encoding).
+Images are padded (edge-replicated) to a multiple of the model's downsampling factor; the original size goes
+into the token file and decode crops back to it. Audio is read, resampled to the model's rate, encoded, decoded
+and written in chunks (vqtok.audiostream), so a file of any length fits in memory; its token header keeps the
+original rate, length and channel count, and decode writes a WAV at that rate and exact length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,8 +22,13 @@ import numpy as np
 import torch
 
 from vqtok.data import io as data
+from vqtok.data.readers import (BatchItems, available_cores, batch_rows, decoded_chunks, default_workers,
+                                shape_batches)
 from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
 from vqtok.device import pick_device
+from vqtok.jobs.encoding import (OrderedWriter, Part, SharedOrAlone, check_shard_split, forward_threads,
+                                 one_intra_op_thread, parallel_map, process_part, rank_device, shard_name, take_part)
+from vqtok.jobs.tiles import checked_image_size, decode_tiled, encode_tiled, needs_tiles
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.modelfile import load
 from vqtok.nets.tokenizer import Tokenizer
@@ -29,7 +36,17 @@ from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
 from vqtok.tokens.tokfile import MAGIC, Tokens, read_tokens, write_tokens
 
 TOKEN_SUFFIX = ".vqt"
-SHARD_NAME = "shard"
+
+# Forward passes: images of one padded shape always go through the model in batches of the same size, at most
+# *_BATCH_IMAGES images and *_BATCH_PIXELS pixels (B * H * W; an image larger than that alone), whatever
+# --batch-size, so an image's codes never depend on its batch (see encode_batch). On a CPU the cost per image
+# is lowest around 2^16-2^17 pixels per batch; beyond, activations fall out of the caches (default image model,
+# one thread: 32x32 images cost 0.26 ms each in batches of 32, 0.235 ms in 64, 0.25 ms in 128; a 481x321 photo
+# 62 ms alone, 68 ms in pairs, 79 ms in fours). Accelerators want large batches; their caps only bound memory.
+CPU_BATCH_IMAGES = 64
+CPU_BATCH_PIXELS = 1 << 17
+DEVICE_BATCH_IMAGES = 256
+DEVICE_BATCH_PIXELS = 1 << 22
 
 # Called once per input file with (path, outcome) where outcome is "written", "exists" or "failed".
 FileCallback = Callable[[Path, str], None]
@@ -89,85 +106,226 @@ def encode_files(
     shard: bool = False,
     channels: str = "mono",
     chunk_seconds: float | None = None,
+    num_workers: int | None = None,
+    part: Part | None = None,
     on_file: FileCallback | None = None,
 ) -> RunReport:
     """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
-    out/a/b.jpg.vqt).
+    out/a/b.jpg.vqt); files whose token file exists are skipped unless `force`.
+
+    Images are decoded by `num_workers` processes (default: `default_workers()`; 0 decodes in this process),
+    `batch_size` files at a time, while the model encodes batches of one padded shape, sized by that shape
+    (CPU_BATCH_* / DEVICE_BATCH_*); token files are written on a background thread. The codes do not depend on
+    `num_workers`, `batch_size` or `part` (see `encode_batch`). Memory follows the batch sizes and queue depths
+    (vqtok.data.readers, vqtok.jobs.encoding), not the number of files.
 
     `stages`: keep only the first N residual stages (a lower bitrate). Audio: `channels` "mono" mixes the
     channels (codes (S, frames)), "keep" tokenizes each (codes (S, C, frames)); files are encoded in chunks of
-    `chunk_seconds` (default 30) with enough overlap that the codes match a whole-file encode. With `shard`,
-    all items go into one memory-mappable token shard `out/shard.*` instead (see vqtok.tokens.shards), in input
-    order; items keep their relative name and header fields as metadata.
+    `chunk_seconds` (default 30) with enough overlap that the codes match a whole-file encode. `part` (I, N):
+    encode only part I of N of the file list; under torchrun each process takes its share of it (see
+    vqtok.jobs.encoding). With `shard`, the items go into one memory-mappable token shard instead (see
+    vqtok.tokens.shards), `out/shard.*` or, for part I of N, `out/shard-0000I-of-0000N.*`, in file order;
+    items keep their relative name and header fields as metadata. A complete part shard is kept (a rerun
+    redoes only the parts that did not finish); a whole run's complete shard is an error unless `force`.
     """
     begin = time.perf_counter()
-    dev = pick_device(device)
+    dev = rank_device(pick_device(device))
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
+    _check_encode_options(channels, chunk_seconds, batch_size, num_workers)
+    part = process_part(part)
+    report = RunReport()
+    notify = on_file or (lambda _p, _o: None)
+    fields = {"fingerprint": model.fingerprint(), "modality": modality}
+    sink = (_TokenShard(out, part, model.config.quantizer.codebook_size, fields["fingerprint"], report) if shard
+            else _TokenFiles(out, model, codec, stages, report))
+
+    def source(path: Path) -> str:
+        # Named when written, on the writer thread: naming costs ~15 us a file, which a shard run would
+        # otherwise spend before its first batch.
+        return data.relative_name(path, inputs).as_posix()
+
+    todo = sink.select(take_part(paths, part), source, force, notify)
+
+    def write(index: int, codes: np.ndarray, extra: dict) -> None:
+        name = source(todo[index])
+        sink.write(name, codes, {**fields, **extra, "source": name})
+        report.tokens += codes.size
+        notify(todo[index], "written")
+
+    def failed(index: int, reason: str) -> None:
+        report.failed.append((str(todo[index]), reason))
+        notify(todo[index], "failed")
+
+    try:
+        with OrderedWriter(write, failed) as writer:
+            if modality == "audio":
+                encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS)
+            else:
+                encode_image_files(model, todo, writer, stages, batch_size,
+                                   default_workers() if num_workers is None else num_workers)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.finish()
+    report.seconds = time.perf_counter() - begin
+    return report
+
+
+def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size: int,
+                          num_workers: int | None) -> None:
     if channels not in ("mono", "keep"):
         raise VqtokError(f"--channels must be mono or keep, got {channels!r}")
     if chunk_seconds is not None and chunk_seconds <= 0:
         raise VqtokError(f"--chunk-seconds must be > 0, got {chunk_seconds}")
-    report = RunReport()
-    notify = on_file or (lambda _p, _o: None)
-    fingerprint = model.fingerprint()
-    table = code_table(model)[: stages or None] if codec == "entropy" else None
+    if batch_size < 1:
+        raise VqtokError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise VqtokError(f"--num-workers must be >= 0, got {num_workers}")
 
-    codebook_size = model.config.quantizer.codebook_size
-    shard_writer = None
-    if shard:
-        if (out / f"{SHARD_NAME}{DESCRIPTOR_SUFFIX}").exists() and not force:
-            raise VqtokError(f"{out} already holds a token shard; pass --force to rewrite it")
-        shard_writer = ShardWriter(out, SHARD_NAME, codebook_size=codebook_size, fingerprint=fingerprint)
 
-    def write(path: Path, target: Path, codes: torch.Tensor, header: dict) -> None:
-        header = {"fingerprint": fingerprint, "modality": modality, **header}
-        array = codes.cpu().numpy()
-        if shard_writer is not None:
-            shard_writer.add(header["source"], array, header)
+class _TokenFiles:
+    """Where a .vqt run writes: one token file per input, out/<relative name>.vqt."""
+
+    def __init__(self, out: Path, model: Tokenizer, codec: str, stages: int | None, report: RunReport) -> None:
+        self.out, self.codec, self.report = out, codec, report
+        self.codebook_size = model.config.quantizer.codebook_size
+        self.table = code_table(model)[: stages or None] if codec == "entropy" else None
+
+    def target(self, source: str) -> Path:
+        """out/<relative name>.vqt, for an input's relative name in posix form."""
+        return self.out / f"{source}{TOKEN_SUFFIX}"
+
+    def select(self, paths: list[Path], source: Callable[[Path], str], force: bool,
+               notify: FileCallback) -> list[Path]:
+        """The inputs still to encode: all with `force`, else those without a token file. `source`: an input's
+        relative name."""
+        left = []
+        for path in paths:
+            target = self.target(source(path))
+            if force or not target.exists():
+                left.append(path)
+            else:
+                self.report.existing.append(str(target))
+                notify(path, "exists")
+        return left
+
+    def write(self, source: str, codes: np.ndarray, header: dict) -> None:
+        target = self.target(source)
+        try:
+            self.report.bytes += write_tokens(target, codes, header, codebook_size=self.codebook_size,
+                                              codec=self.codec, table=self.table)
+        except OSError as err:
+            raise VqtokError(f"{target}: cannot write the token file ({err.strerror or err})") from None
+        self.report.written.append(str(target))
+
+    def finish(self) -> None:
+        """Every token file is complete once written."""
+
+    def abort(self) -> None:
+        """Token files already written are complete; a rerun skips them."""
+
+
+class _TokenShard:
+    """Where a --shard run writes: one shard for the whole run, or one for this process's part."""
+
+    def __init__(self, out: Path, part: Part, codebook_size: int, fingerprint: str, report: RunReport) -> None:
+        self.out, self.part, self.report, self.name = out, part, report, shard_name(part)
+        self.codebook_size, self.fingerprint = codebook_size, fingerprint
+        self.writer: ShardWriter | None = None
+
+    def select(self, paths: list[Path], source: Callable[[Path], str], force: bool,
+               notify: FileCallback) -> list[Path]:
+        """Every input, unless the shard is complete and not `force`: then nothing for a part, an error for a
+        whole run."""
+        check_shard_split(self.out, self.part)
+        descriptor = self.out / f"{self.name}{DESCRIPTOR_SUFFIX}"
+        if descriptor.exists() and not force:
+            if self.part[1] == 1:
+                raise VqtokError(f"{self.out} already holds a token shard; pass --force to rewrite it")
+            self.report.existing.append(str(descriptor))
+            return []
+        if paths:
+            self.writer = ShardWriter(self.out, self.name, codebook_size=self.codebook_size,
+                                      fingerprint=self.fingerprint)
+        return paths
+
+    def write(self, source: str, codes: np.ndarray, header: dict) -> None:
+        self.writer.add(source, codes, header)
+
+    def finish(self) -> None:
+        """Close the shard (its descriptor is written last, so it appears only complete)."""
+        if self.writer is None:
+            return
+        if not self.report.tokens:
+            self.writer.abort()
+            raise VqtokError(f"nothing to write to the shard in {self.out}: no input could be encoded")
+        self.report.written.append(str(self.writer.close()))
+        self.report.bytes = sum(p.stat().st_size for p in self.out.glob(f"{self.name}.*"))
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+@torch.no_grad()
+def encode_batch(model: Tokenizer, batch: torch.Tensor, stages: int | None, rows: int) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), B <= rows, on the model's device -> codes (B, S, H/f, W/f) int64.
+
+    The codes of an image depend on nothing but the image and `rows`, not on the other images of the batch or
+    on B: the encoder runs on exactly `rows` images (the batch padded with copies of its last image), and the
+    nearest-code search on blocks of one size (`ResidualVQ.encode_blocks`). `Tokenizer.encode` on a
+    batch gives the same codes except at near-ties: convolution kernels (oneDNN) and the search backends pick
+    their algorithm by the tensor sizes, so a vector almost equidistant from two codes can land on either with
+    another batch size (measured on CIFAR-10 with a codebook of encoder outputs plus noise: 7 to 11 codes in
+    256,000 differ from those of batches of one, with batches of 5 to 128 images and 1 or 2 threads).
+    """
+    images = len(batch)
+    padded = torch.cat([batch, batch[-1:].expand(rows - images, *batch.shape[1:])]) if images < rows else batch
+    z = model.encoder(padded.float().div_(255.0))[:images]
+    codes = model.quantizer.encode_blocks(z.movedim(1, -1).reshape(-1, z.shape[1]), stages)
+    return codes.reshape(images, *z.shape[2:], -1).movedim(-1, 1)
+
+
+def encode_image_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
+                       batch_size: int, workers: int) -> None:
+    """Encode images, handing each batch's codes to `writer` with the file indices into `paths`.
+
+    `workers` processes decode `batch_size` files at a time while this one runs the model: on a CPU on one
+    thread per core, each encoding its own batch with single-threaded operations (see
+    vqtok.jobs.encoding.one_intra_op_thread); on an accelerator one batch at a time.
+    """
+    dev = next(model.parameters()).device
+    cpu = dev.type == "cpu"
+    chunks = decoded_chunks(paths, model.hop, batch_size, workers)
+    images, pixels = (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS) if cpu else (DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS)
+
+    kernels = SharedOrAlone()
+
+    def encode(items: BatchItems, batch: torch.Tensor) -> tuple[list[tuple[int, dict]], torch.Tensor]:
+        if needs_tiles(*batch.shape[-2:]):  # large images: in tiles, memory bounded by one window
+            with kernels.alone():
+                codes = torch.stack([encode_tiled(model, image, stages) for image in batch])
         else:
-            report.bytes += write_tokens(target, array, header, codebook_size=codebook_size, codec=codec, table=table)
-            report.written.append(str(target))
-        report.tokens += codes.numel()
-        notify(path, "written")
+            with kernels.shared():
+                codes = encode_batch(model, batch.to(dev), stages, batch_rows(batch.shape, images, pixels))
+        return [(i, {"original_size": list(size)}) for i, size in items], codes
 
-    todo: list[tuple[Path, Path, str]] = []
-    for path in paths:
-        rel = data.relative_name(path, inputs)
-        target = out / rel.with_name(rel.name + TOKEN_SUFFIX)
-        if target.exists() and not force and not shard:
-            report.existing.append(str(target))
-            notify(path, "exists")
-        else:
-            todo.append((path, target, rel.as_posix()))
+    batches = shape_batches(chunks, images, writer.fail, pixels)
+    with one_intra_op_thread() if cpu else contextlib.nullcontext():
+        for items, codes in parallel_map(encode, batches, forward_threads(available_cores()) if cpu else 1):
+            writer.put(items, codes)
 
-    def failed(path: Path, reason: str) -> None:
-        report.failed.append((str(path), reason))
-        notify(path, "failed")
 
-    if modality == "audio":
-        for path, target, source in todo:
-            try:
-                codes, header = encode_audio(model, path, stages, channels == "mono",
-                                             chunk_seconds or CHUNK_SECONDS)
-            except VqtokError as err:
-                failed(path, str(err))
-                continue
-            write(path, target, codes, {**header, "source": source})
-    where = {path: (target, source) for path, target, source in todo if modality == "image"}
-    for items, batch in image_batches(list(where), model.hop, batch_size, failed):
-        codes = model.encode(batch.to(dev).float().div_(255.0), stages)
-        for (path, size), c in zip(items, codes):
-            target, source = where[path]
-            write(path, target, c, {"original_size": list(size), "source": source})
-    if shard_writer is not None:
-        if not report.tokens:
-            shard_writer.abort()
-            raise VqtokError(f"nothing to write to the shard in {out}: no input could be encoded")
-        descriptor = shard_writer.close()
-        report.written.append(str(descriptor))
-        report.bytes = sum(p.stat().st_size for p in out.glob(f"{SHARD_NAME}.*"))
-    report.seconds = time.perf_counter() - begin
-    return report
+def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
+                       mono: bool, chunk_seconds: float) -> None:
+    """Encode audio files one by one (each in chunks, see `encode_audio`), handing the codes to `writer`."""
+    for index, path in enumerate(paths):
+        try:
+            codes, header = encode_audio(model, path, stages, mono, chunk_seconds)
+        except VqtokError as err:
+            writer.fail(index, str(err))
+            continue
+        writer.put([(index, header)], codes.unsqueeze(0))
 
 
 def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
@@ -187,31 +345,16 @@ def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
 def image_batches(
     paths: Sequence[Path], multiple: int, batch_size: int, on_error: Callable[[Path, str], None]
 ) -> Iterator[tuple[list[tuple[Path, tuple[int, int]]], torch.Tensor]]:
-    """Decode images and yield batches of equal padded shape: ([(path, original (h, w))], uint8 (B, 3, H, W)).
+    """Decode images in this process and yield batches of equal padded shape:
+    ([(path, original (h, w))], uint8 (B, 3, H, W)).
 
     Images are padded to multiples of `multiple`; a file that cannot be read goes to `on_error(path, message)`.
-    Batches of one shape are yielded as soon as they are full, the rest at the end, so memory holds at most
-    one partial batch per distinct shape.
+    Memory holds a bounded number of images waiting for a batch of their shape (see vqtok.data.readers).
     """
-    pending: dict[tuple[int, ...], list[tuple[Path, tuple[int, int], torch.Tensor]]] = {}
-
-    def take(shape: tuple[int, ...]):
-        items = pending.pop(shape)
-        return [(p, s) for p, s, _ in items], torch.stack([x for _, _, x in items])
-
-    for path in paths:
-        try:
-            image = data.load_image(path)
-        except VqtokError as err:
-            on_error(path, str(err))
-            continue
-        padded, size = data.pad_to_multiple(image, multiple)
-        shape = tuple(padded.shape)
-        pending.setdefault(shape, []).append((path, size, padded))
-        if len(pending[shape]) >= batch_size:
-            yield take(shape)
-    for shape in list(pending):
-        yield take(shape)
+    paths = list(paths)
+    chunks = decoded_chunks(paths, multiple, batch_size, 0)
+    for items, batch in shape_batches(chunks, batch_size, lambda i, why: on_error(paths[i], why)):
+        yield [(paths[i], size) for i, size in items], batch
 
 
 def find_token_files(inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
@@ -248,7 +391,9 @@ def decode_files(
 ) -> RunReport:
     """Decode every token file under `inputs` to a PNG at its original size, or a 16-bit WAV at its original
     sample rate and length, mirroring the tree under `out`. Token files written by another model (different
-    fingerprint) are refused and reported."""
+    fingerprint) are refused and reported. Images above `tiles.WHOLE_IMAGE_PIXELS` are decoded tile by tile;
+    a token file claiming a size that encode would refuse (`data.MAX_IMAGE_PIXELS`) is refused before its codes
+    are read."""
     begin = time.perf_counter()
     dev = pick_device(device)
     model = load(model_path, dev)
@@ -263,6 +408,7 @@ def decode_files(
             notify(token_path, "exists")
             continue
         try:
+            size = checked_image_size(token_path, model.hop) if model.config.modality == "image" else None
             tokens = read_tokens_for_model(token_path, table)
             if tokens.header.get("fingerprint") != fingerprint:
                 raise VqtokError(f"{token_path}: written by model {tokens.header.get('fingerprint')}, "
@@ -270,10 +416,11 @@ def decode_files(
             codes = torch.from_numpy(tokens.codes.astype(np.int64))
             if model.config.modality == "audio":
                 decode_audio(model, codes, tokens.header, target, token_path)
+            elif needs_tiles(*size):
+                data.save_image(target, decode_tiled(model, codes, size=size))
             else:
                 image = model.decode(codes.unsqueeze(0).to(dev))[0]
-                h, w = tokens.header["original_size"]
-                data.save_image(target, image[:, :h, :w].cpu())
+                data.save_image(target, image[:, :size[0], :size[1]].cpu())
         except (TokenFileError, VqtokError) as err:
             report.failed.append((str(token_path), str(err)))
             notify(token_path, "failed")

@@ -77,6 +77,50 @@ class ImageDecoder(nn.Module):
         return self.net(z) * 0.5 + 0.5
 
 
+def _input_span(net: nn.Module, lo: int, hi: int) -> tuple[int, int]:
+    """The input positions (along one axis) that can reach outputs lo..hi of `net`, walking its convolutions
+    from the last to the first.
+
+    A convolution's output j reads inputs j*s - p .. j*s - p + (k - 1)*d; a transposed convolution's output o
+    receives input i when o = i*s - p + t*d for some tap t in 0..k-1. In a residual block the branch's
+    convolutions compose one after the other and the skip path reaches no further than the branch, so walking
+    every convolution in order gives an upper bound (exact for these stacks, see tests/test_tiles.py).
+    """
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    for conv in reversed(convs):
+        k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+        if isinstance(conv, nn.ConvTranspose2d):
+            lo, hi = -(-(lo + p - (k - 1) * d) // s), (hi + p) // s
+        else:
+            lo, hi = lo * s - p, hi * s - p + (k - 1) * d
+    return lo, hi
+
+
+def _total_stride(net: nn.Module) -> int:
+    return math.prod(m.stride[0] for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+
+
+def image_encoder_context(encoder: ImageEncoder) -> int:
+    """Pixels beyond a code cell's own hop x hop block, on any side, that can change its encoder output.
+
+    Default stack (downsample 4): 15 pixels. Tiles whose windows extend this far past their core (rounded up to
+    whole cells) give the same codes as the whole image.
+    """
+    hop = _total_stride(encoder)
+    lo, hi = _input_span(encoder, 0, 0)
+    return max(-lo, hi - (hop - 1))
+
+
+def image_decoder_context(decoder: ImageDecoder) -> int:
+    """Code cells on any side of a cell that can change the decoder's output pixels within that cell's block.
+
+    Default stack (downsample 4): 4 cells.
+    """
+    hop = _total_stride(decoder)
+    lo, hi = _input_span(decoder, 0, hop - 1)
+    return max(-lo, hi)
+
+
 class TokenizerOutput(NamedTuple):
     recon: torch.Tensor  # same shape as the input, [0, 1] scale (unclamped)
     indices: torch.Tensor  # (B, S, *grid) int64

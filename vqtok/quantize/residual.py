@@ -9,10 +9,14 @@ from torch import Tensor, nn
 
 from vqtok.config import QuantizerConfig
 from vqtok.errors import VqtokError
-from vqtok.quantize.search import nearest
+from vqtok.quantize.search import FAISS_MIN_ROWS, nearest
 import vqtok.quantize.upkeep as upkeep
 from vqtok.quantize.codebook import VectorQuantizer
 from vqtok.quantize.stages import QuantizerOutput, run_stages, sum_codes
+
+
+# Rows per search in `encode_blocks`: below FAISS_MIN_ROWS, so every block takes the same (torch) path.
+BLOCK_ROWS = min(512, FAISS_MIN_ROWS - 1)
 
 
 class ResidualVQ(nn.Module):
@@ -60,6 +64,18 @@ class ResidualVQ(nn.Module):
             residual = residual - codes[idx]
             out.append(idx)
         return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def encode_blocks(self, z: Tensor, stages: int | None = None, rows: int = BLOCK_ROWS) -> Tensor:
+        """`encode` in blocks of exactly `rows` vectors (the last zero-padded): z (N, D) -> (N, S) int64.
+
+        The search backends pick their algorithm and matmul shapes by the number of rows (faiss from
+        `FAISS_MIN_ROWS` up), so a vector almost equidistant from two codes can land on either depending on how
+        many vectors are searched with it. In blocks of one height, a vector's codes depend only on the vector:
+        what makes token files identical across batch sizes, workers, parts and tiles.
+        """
+        blocks = torch.nn.functional.pad(z, (0, 0, 0, -len(z) % rows)).split(rows)
+        return torch.cat([self.encode(block, stages) for block in blocks])[: len(z)]
 
     def _checked(self, stages: int | None) -> int:
         total = len(self.quantizers)

@@ -1,0 +1,215 @@
+"""How close `vqtok encode` (and `vqtok train`) come to the speed the machine's cores allow, on real images.
+
+Two data sets from ../shared/data: CIFAR-10 test JPEGs (32x32; the first --cifar files in sorted order) and
+every BSDS500 photo there (train + val, 481x321 or 321x481 JPEG, encoded whole). Each gets the default image
+model (`ModelConfig()`, untrained: the forward cost does not depend on the weights) and:
+
+- decode: images/s of one process, one thread, doing what a worker does per file (read, decode, pad);
+- forward: images/s of the model alone, one thread, on images already in memory, in the batches encode
+  forms (`encode_batch`, CPU_BATCH_IMAGES / CPU_BATCH_PIXELS);
+- bound B = cores / (decode + forward core-seconds per image): what encode would reach if every core did
+  nothing but decode files and run the model;
+- encode: `encode_files` (the work of `vqtok encode`) end to end, files on disk -> .vqt files and -> one
+  --shard, with 0, 1 and 2 decoding workers: images/s (files / the run's own seconds: model load, file walk
+  and writing included), its ratio to B, and the CPU time it took per image (this process and its workers),
+  which a busy machine inflates far less than the wall clock: decode + forward over it is the share of the
+  work that was decoding and the model, the rest being the pipeline's own costs;
+- train: `vqtok train --num-workers W` images/s (steps_per_second x batch size) with 0, 1 and 2 workers
+  (CIFAR: batches of 128 32x32 crops; BSDS: 16 crops of 128x128).
+
+    python benchmarks/throughput.py                      # about 4-5 minutes on 2 cores
+    python benchmarks/throughput.py --cifar 2000 --train-steps 0
+
+Every run reads a copy of the files made in a temporary folder just before (so the page cache holds them);
+training runs are fresh `python -m vqtok train` processes. On a machine shared with other jobs the images/s
+figures drop with the cores the others take; the CPU ms per image much less. Results:
+benchmarks/results/throughput.json (written atomically). Without ../shared/data the script says so and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from timing import best_seconds  # noqa: E402  (benchmarks/timing.py; the script folder is on sys.path)
+from vqtok.atomic import write_bytes_atomic  # noqa: E402
+from vqtok.config import ModelConfig  # noqa: E402
+from vqtok.data import io as data  # noqa: E402
+from vqtok.data.readers import ImageFiles, available_cores, batch_rows, decoded_chunks, shape_batches  # noqa: E402
+from vqtok.jobs.pipeline import CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, encode_batch, encode_files  # noqa: E402
+from vqtok.modelfile import save_model  # noqa: E402
+from vqtok.nets.tokenizer import Tokenizer  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+WORKERS = (0, 1, 2)
+
+
+def copy_files(sources: list[Path], root: Path, dest: Path) -> int:
+    """Copy `sources` (under `root`) to `dest`, keeping their relative paths; returns the bytes copied."""
+    total = 0
+    for src in sources:
+        target = dest / src.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        total += target.stat().st_size
+    return total
+
+
+def decode_seconds(paths: list[Path], multiple: int, repeats: int) -> float:
+    """Core-seconds per image to read, decode and pad a file (one process, one thread)."""
+    files = ImageFiles(paths, multiple)
+    return best_seconds(lambda: [files[i] for i in range(len(files))], repeats) / len(paths)
+
+
+def forward_seconds(model: Tokenizer, paths: list[Path], repeats: int) -> float:
+    """Core-seconds per image of the model alone (one thread), in the batches `vqtok encode` forms on a CPU."""
+    chunks = decoded_chunks(paths, model.hop, CPU_BATCH_IMAGES, 0)
+    batches = [b for _, b in shape_batches(chunks, CPU_BATCH_IMAGES, lambda i, why: None, CPU_BATCH_PIXELS)]
+    rows = [batch_rows(b.shape, CPU_BATCH_IMAGES, CPU_BATCH_PIXELS) for b in batches]
+    return best_seconds(lambda: [encode_batch(model, b, None, r) for b, r in zip(batches, rows)], repeats) / len(paths)
+
+
+def vqtok(*args: object) -> dict[str, Any]:
+    """Run `python -m vqtok ARGS --json` in a fresh process; its JSON report."""
+    cmd = [sys.executable, "-m", "vqtok", *map(str, args), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and by its children that have ended (the decoding workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                             resource.RUSAGE_CHILDREN)))
+
+
+def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """images/s and CPU ms per image of an encode to .vqt files and to a shard, for each worker count."""
+    runs: dict[str, dict[int, dict[str, float]]] = {"vqt": {}, "shard": {}}
+    for kind in runs:
+        for workers in WORKERS:
+            out = tmp / f"encode-{kind}-{workers}"
+            start = cpu_seconds()
+            report = encode_files(model_path, [folder], out, device="cpu", num_workers=workers, shard=kind == "shard")
+            if report.failed:
+                raise SystemExit(f"encode of {folder} skipped files: {report.failed[:3]}")
+            runs[kind][workers] = {"images_per_second": files / report.seconds,
+                                   "cpu_ms_per_image": 1e3 * (cpu_seconds() - start) / files}
+            shutil.rmtree(out)
+    return runs
+
+
+def train_rates(folder: Path, tmp: Path, steps: int, batch_size: int, size: int) -> dict[int, float]:
+    """images/s of `vqtok train` (steps_per_second x batch size) for each worker count."""
+    rates = {}
+    for workers in WORKERS:
+        run = tmp / f"train-{workers}"
+        try:
+            report = vqtok("train", folder, "--out", run, "--steps", steps, "--warmup", 1, "--batch-size", batch_size,
+                           "--size", size, "--checkpoint-every", steps, "--device", "cpu", "--num-workers", workers)
+        except SystemExit as err:
+            print(f"train with --num-workers {workers} did not run: {err}", file=sys.stderr)
+            return rates
+        rates[workers] = report["steps_per_second"] * batch_size
+        shutil.rmtree(run)
+    return rates
+
+
+def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tuple[int, int, int],
+          tmp: Path, repeats: int) -> dict[str, Any]:
+    """Every figure for one data set; train = (steps, batch size, crop side), steps 0 skips training."""
+    folder = tmp / name
+    size_bytes = copy_files(sources, root, folder)
+    _, paths = data.find_inputs([folder])
+    torch.manual_seed(0)
+    model = Tokenizer(ModelConfig(image_size=image_size)).eval()
+    model_path = tmp / f"{name}.safetensors"
+    save_model(model, model_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # Timing the model on a few hundred 32x32 images or a dozen photos is as exact as on all of them.
+    sample = paths[:: max(1, len(paths) // 2000)] if image_size <= 64 else paths[:: max(1, len(paths) // 12)]
+    decode_s = decode_seconds(paths[:: max(1, len(paths) // 2000)], model.hop, repeats)
+    forward_s = forward_seconds(model, sample, repeats)
+    torch.set_num_threads(threads)  # encode picks its own thread count within the caller's
+    cores = available_cores()
+    bound = cores / (decode_s + forward_s)
+    print(f"{name}: {len(paths)} files ({size_bytes / 2**20:.1f} MiB), decode {1e3 * decode_s:.3f} ms, "
+          f"forward {1e3 * forward_s:.3f} ms per image, bound {bound:.1f} images/s on {cores} cores", file=sys.stderr)
+    steps, batch_size, crop = train
+    return {"files": len(paths), "megabytes": size_bytes / 2**20, "cores": cores,
+            "decode_images_per_second": 1 / decode_s, "forward_images_per_second": 1 / forward_s,
+            "decode_ms": 1e3 * decode_s, "forward_ms": 1e3 * forward_s, "bound_images_per_second": bound,
+            "encode": encode_runs(model_path, folder, len(paths), tmp),
+            "train": {"steps": steps, "batch_size": batch_size, "crop": crop,
+                      "images_per_second": train_rates(folder, tmp, *train) if steps else {}}}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| data | measure | workers | images/s | / B | CPU ms per image | decode + forward / CPU |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        bound, work = r["bound_images_per_second"], r["decode_ms"] + r["forward_ms"]
+        lines += [f"| {name} | decode only (1 thread) | - | {r['decode_images_per_second']:.1f} | | "
+                  f"{r['decode_ms']:.3f} | |",
+                  f"| {name} | forward only (1 thread) | - | {r['forward_images_per_second']:.1f} | | "
+                  f"{r['forward_ms']:.3f} | |",
+                  f"| {name} | **bound B** ({r['cores']} cores) | - | {bound:.1f} | 1.00 | {work:.3f} | 1.00 |"]
+        for kind, label in (("vqt", "encode -> .vqt files"), ("shard", "encode -> --shard")):
+            for workers, run in r["encode"][kind].items():
+                rate, cpu = run["images_per_second"], run["cpu_ms_per_image"]
+                lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound:.2f} | {cpu:.3f} | "
+                             f"{work / cpu:.2f} |")
+        for workers, rate in r["train"]["images_per_second"].items():
+            lines.append(f"| {name} | train (batch {r['train']['batch_size']}, {r['train']['crop']} px crops) "
+                         f"| {workers} | {rate:.1f} | | | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--cifar", type=int, default=10000, help="CIFAR-10 test files to use (sorted order)")
+    parser.add_argument("--train-steps", type=int, default=30, help="steps per CIFAR training run; 0 skips training")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of decode-only and forward-only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    args = parser.parse_args()
+    cifar, bsds = args.data / "cifar10" / "test", args.data / "bsds500"
+    if not (cifar.is_dir() and bsds.is_dir()):
+        print(f"skipped: the real data folder {args.data} (cifar10/test, bsds500) is absent")
+        return 0
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vqtok-throughput-") as tmp:
+        _, cifar_files = data.find_inputs([cifar])
+        results["cifar10-test"] = bench("cifar10-test", cifar_files[: args.cifar], cifar, 32,
+                                        (args.train_steps, 128, 32), Path(tmp), args.repeats)
+        _, bsds_files = data.find_inputs([bsds])
+        results["bsds500"] = bench("bsds500", bsds_files, bsds, 320, (args.train_steps // 3, 16, 128), Path(tmp),
+                                   args.repeats)
+    print(table(results))
+    print(f"({platform.processor() or platform.machine()}, {available_cores()} cores, torch {torch.__version__})")
+    report = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                          "platform": platform.platform(), "cores": available_cores()},
+              "forward_batch": {"images": CPU_BATCH_IMAGES, "pixels": CPU_BATCH_PIXELS}, "results": results}
+    write_bytes_atomic(args.out, (json.dumps(report, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
