@@ -218,8 +218,10 @@ def test_eval_plot_draws_the_first_images(model_path: Path, images: Path, tmp_pa
     assert result.exit_code == 0, result.output
     picture = Image.open(tmp_path / "recon.png")
     assert picture.width > 28 and picture.height > 56
-    staged = invoke("eval", model_path, images, "--stages", "1")
-    assert staged.exit_code == 1 and "audio" in staged.stderr
+    staged = invoke("eval", model_path, images, "--stages", "1", "--json")
+    assert staged.exit_code == 0 and json.loads(staged.stdout)["stages"] == 1
+    too_many = invoke("eval", model_path, images, "--stages", "2")  # the test model has one stage
+    assert too_many.exit_code == 1 and "--stages" in too_many.stderr
 
 
 def test_folder_runs_skip_a_damaged_token_file_and_exit_1(model_path: Path, images: Path, tmp_path: Path) -> None:

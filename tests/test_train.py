@@ -121,7 +121,7 @@ def test_crops_are_random_and_seeded(tmp_path: Path) -> None:
     first = [crops[item][0] for item in items]
     assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x in first)
     assert all(torch.equal(a, crops[item][0]) for a, item in zip(first, items))  # same item, same crop
-    source = torch.from_numpy(np.asarray(Image.open(big))).permute(2, 0, 1)
+    source = torch.from_numpy(np.array(Image.open(big))).permute(2, 0, 1)
     offsets = set()
     for (f, _), crop in zip(items, first):
         if f == 0:  # a crop of the file at its own scale

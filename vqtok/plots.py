@@ -1,4 +1,5 @@
-"""Pictures drawn with Pillow alone: reconstruction grids, codebook usage histograms, spectrogram comparisons.
+"""Pictures drawn with Pillow alone: reconstruction grids, codebook usage histograms, spectrogram comparisons,
+rate-distortion curves and side-by-side crops.
 
 Every function writes one PNG atomically and returns its path.
 """
@@ -9,6 +10,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -360,4 +362,136 @@ def spectrogram_comparison(
     draw.rectangle((bx0 - 1, by0 - 1, bx0 + 12, by1), outline=INK)
     for y, label in ((by0, "0 dB"), (by1 - 10, f"-{dynamic_range_db:g} dB")):
         draw.text((bx0 + 16, y), label, fill=INK, font=font)
+    return _save(img, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rate-distortion curves
+
+# One colour per curve, in order: the Okabe-Ito palette, told apart with the common colour-vision deficiencies.
+SERIES_COLOURS = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
+                  (0, 0, 0))
+
+
+def nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi], about `count` of
+    them: the first at or below lo, the last at or above hi. lo == hi gets a unit-wide range around it."""
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / max(count - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    n = math.ceil((hi - first) / step - 1e-9)
+    return [round(first + i * step, 10) for i in range(n + 1)]
+
+
+def rate_distortion_plot(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    title: str = "",
+    x_label: str = "bits per pixel",
+    y_label: str = "PSNR (dB)",
+    width: int = 800,
+    height: int = 520,
+) -> Path:
+    """Write a PNG line chart, `width` x `height` px: one line with point markers per named curve of (x, y)
+    points (drawn in x order), coloured from SERIES_COLOURS in the mapping's order, with a legend on the right.
+
+    Both axes are linear and span round ticks (`nice_ticks`) around every point of every curve; curves with
+    no points are left out of the drawing and the legend.
+    """
+    drawn = {name: sorted(points) for name, points in curves.items() if len(points)}
+    if not drawn:
+        raise ValueError("rate_distortion_plot: no points to draw")
+    legend_w = 16 + max(_text_size(name)[0] for name in drawn) + 34
+    left, right, top, bottom = 64, legend_w + 12, 34, 46
+    pw, ph = width - left - right, height - top - bottom
+    if pw < 64 or ph < 64:
+        raise ValueError(f"rate_distortion_plot: {width} x {height} px leaves no room for the plot")
+    xs = [x for pts in drawn.values() for x, _ in pts]
+    ys = [y for pts in drawn.values() for _, y in pts]
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+
+    def to_px(x: float, y: float) -> tuple[int, int]:
+        fx = (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0])
+        fy = (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0])
+        return left + round(fx * (pw - 1)), top + ph - 1 - round(fy * (ph - 1))
+
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    _draw_axes(draw, (left, top, pw, ph), x_ticks, y_ticks, to_px)
+    if title:
+        draw.text((left, 8), title, fill=INK, font=_font())
+    tw, _ = _text_size(x_label)
+    draw.text((left + (pw - tw) // 2, height - 20), x_label, fill=INK, font=_font())
+    _draw_vertical_text(img, y_label, (12, top + ph // 2))
+    for i, (name, points) in enumerate(drawn.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        pixels = [to_px(x, y) for x, y in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+        ly = top + 8 + i * 20
+        lx = left + pw + 16
+        draw.line((lx, ly, lx + 24, ly), fill=colour, width=2)
+        draw.ellipse((lx + 9, ly - 3, lx + 15, ly + 3), fill=colour)
+        draw.text((lx + 30, ly - _text_size(name)[1] // 2 - 1), name, fill=INK, font=_font())
+    return _save(img, path)
+
+
+def _draw_axes(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], x_ticks: list[float],
+               y_ticks: list[float], to_px) -> None:
+    """Light grid lines at every tick, the frame of the plot box (left, top, width, height) and tick labels."""
+    left, top, pw, ph = box
+    font = _font()
+    for t in x_ticks:
+        x, _ = to_px(t, y_ticks[0])
+        draw.line((x, top, x, top + ph - 1), fill=GRID_BACKGROUND)
+        label = f"{t:g}"
+        tw, _ = _text_size(label)
+        draw.text((x - tw // 2, top + ph + 6), label, fill=INK, font=font)
+    for t in y_ticks:
+        _, y = to_px(x_ticks[0], t)
+        draw.line((left, y, left + pw - 1, y), fill=GRID_BACKGROUND)
+        label = f"{t:g}"
+        tw, th = _text_size(label)
+        draw.text((left - 8 - tw, y - th // 2 - 1), label, fill=INK, font=font)
+    draw.rectangle((left - 1, top - 1, left + pw, top + ph), outline=INK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Side-by-side crops
+
+
+def crop_comparison(
+    panels: Sequence[tuple[str, torch.Tensor]],
+    path: str | os.PathLike,
+    scale: int = 2,
+    gap: int = 8,
+) -> Path:
+    """Write a PNG of images side by side, each under its label: panels = [(label, image (3, h, w))], uint8 or
+    float in [0, 1], all of one size. Images are upscaled `scale` times with nearest-neighbour so compression
+    artefacts stay visible; a label may hold several lines.
+
+    Image size: width = gap + n * (w * scale + gap), height = label block + h * scale + gap.
+    """
+    if not panels:
+        raise ValueError("crop_comparison: no panels to draw")
+    images = [im.float() / 255.0 if im.dtype == torch.uint8 else im for _, im in panels]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"crop_comparison: panels differ in shape: {sorted(shapes)}")
+    pixels = _to_uint8_images(torch.stack(images))
+    h, w = pixels.shape[1] * scale, pixels.shape[2] * scale
+    line_h = _text_size("Ag")[1] + 4
+    label_h = gap + line_h * max(label.count("\n") + 1 for label, _ in panels)
+    img = Image.new("RGB", (gap + len(panels) * (w + gap), label_h + h + gap), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for i, (label, _) in enumerate(panels):
+        x0 = gap + i * (w + gap)
+        for j, line in enumerate(label.split("\n")):
+            draw.text((x0, gap + j * line_h), line, fill=INK, font=_font())
+        img.paste(Image.fromarray(pixels[i].repeat(scale, axis=0).repeat(scale, axis=1)), (x0, label_h))
     return _save(img, path)

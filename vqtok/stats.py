@@ -1,4 +1,4 @@
-"""Measurements: reconstruction quality (PSNR, SSIM, SI-SNR, mel distance) and codebook usage.
+"""Measurements: reconstruction quality (PSNR, SSIM, MS-SSIM, SI-SNR, mel distance) and codebook usage.
 
 Quality functions take a batch and return one value per item, so callers can average over a whole data set
 with `RunningMean` instead of averaging per-batch means (which would weight a short last batch too much).
@@ -83,6 +83,33 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
     return w / w.sum()
 
 
+def _ssim_terms(
+    x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int, sigma: float, k1: float, k2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean SSIM and mean contrast-structure term per item and channel: x, y (B, C, H, W) -> two (B, C).
+
+    cs = (2 cov + C2) / (var_x + var_y + C2) and SSIM = luminance * cs, with l = (2 mu_x mu_y + C1) /
+    (mu_x^2 + mu_y^2 + C1), both averaged over the "valid" window positions (see `ssim`).
+    """
+    c = x.shape[1]
+    size = min(win_size, *x.shape[-2:])
+    size -= 1 - size % 2  # largest odd size that fits
+    g = _gaussian_window(size, sigma, x.dtype, x.device)
+    # The Gaussian is separable: a column pass then a row pass costs 2 * size taps per pixel instead of size^2,
+    # and the five maps go through one grouped convolution.
+    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    blurred = F.conv2d(maps, g.view(1, 1, size, 1).expand(5 * c, 1, size, 1), groups=5 * c)
+    blurred = F.conv2d(blurred, g.view(1, 1, 1, size).expand(5 * c, 1, 1, size), groups=5 * c)
+    mu_x, mu_y, xx, yy, xy = blurred.split(c, dim=1)
+    var_x = xx - mu_x * mu_x
+    var_y = yy - mu_y * mu_y
+    cov = xy - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    return (luminance * cs).mean(dim=(2, 3)), cs.mean(dim=(2, 3))
+
+
 def ssim(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -105,24 +132,66 @@ def ssim(
     thumbnails still get a value instead of an error.
     """
     _check_pair(x, y, 4, "ssim")
+    value, _cs = _ssim_terms(_float(x), _float(y), data_range, win_size, sigma, k1, k2)
+    return value.mean(1)
+
+
+# Wang, Simoncelli, Bovik 2003, "Multi-scale structural similarity for image quality assessment", finest first.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim_scales(height: int, width: int, win_size: int = 11, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
+    """How many scales `ms_ssim` uses for an image of height x width: the most (up to 5) whose coarsest
+    level, after halving (rounded up) once per extra scale, still holds a whole win_size window; at least 1."""
+    scales, h, w = 1, height, width
+    while scales < max_scales and min(-(-h // 2), -(-w // 2)) >= win_size:
+        scales, h, w = scales + 1, -(-h // 2), -(-w // 2)
+    return scales
+
+
+def _halve(t: torch.Tensor) -> torch.Tensor:
+    """2 x 2 average pooling of (B, C, H, W); an odd side first repeats its last row or column, which is what
+    the reference MATLAB code's symmetric-boundary 2 x 2 filter followed by taking every other pixel gives."""
+    t = F.pad(t, (0, t.shape[-1] % 2, 0, t.shape[-2] % 2), mode="replicate")
+    return F.avg_pool2d(t, 2)
+
+
+def ms_ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 1.0,
+    weights: Sequence[float] = MS_SSIM_WEIGHTS,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Multi-scale SSIM (Wang et al. 2003) per item: x, y (B, C, H, W) -> (B,), 1 for identical images.
+
+    Scale 1 is the image, each further scale a 2 x 2 average pooling of the previous one. Per channel,
+    MS-SSIM = prod_{j<M} cs_j^w_j * (l_M cs_M)^w_M: the contrast-structure term at every scale but the last,
+    SSIM (luminance times cs) at the last, each the mean over valid positions of the same 11 x 11 Gaussian
+    window (sigma 1.5) and constants as `ssim`; then the mean over channels (as pytorch_msssim does). Negative
+    terms are clamped to 0 first, since a fractional power of a negative number is undefined.
+
+    With the standard 5 weights an image needs a shorter side of at least 161 px (161 -> 81 -> 41 -> 21 -> 11).
+    Smaller images use the first M = `ms_ssim_scales(H, W)` scales with those weights rescaled to sum to 1
+    (32 x 32 uses 2 scales; a shorter side under 21 px uses 1, where MS-SSIM equals SSIM), so values for images
+    of different sizes compare only roughly; pytorch_msssim refuses such images instead.
+    """
+    _check_pair(x, y, 4, "ms_ssim")
     x, y = _float(x), _float(y)
-    b, c, h, w = x.shape
-    size = min(win_size, h, w)
-    size -= 1 - size % 2  # largest odd size that fits
-    g = _gaussian_window(size, sigma, x.dtype, x.device)
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x * mu_x
-    var_y = blur(y * y) - mu_y * mu_y
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    return (num / den).mean(dim=(1, 2, 3))
+    m = ms_ssim_scales(x.shape[-2], x.shape[-1], win_size, len(weights))
+    w = torch.tensor(weights[:m], dtype=x.dtype, device=x.device)
+    w = w / w.sum()
+    terms = []
+    for scale in range(m):
+        value, cs = _ssim_terms(x, y, data_range, win_size, sigma, k1, k2)
+        terms.append(value if scale == m - 1 else cs)
+        if scale < m - 1:
+            x, y = _halve(x), _halve(y)
+    stacked = torch.stack(terms).clamp_min(0.0)  # (M, B, C)
+    return stacked.pow(w[:, None, None]).prod(0).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 inspect: how a codebook is used (usage, dead codes, perplexity, entropy in bits/token against log2 K, the most
 used codes), measured from token files or by encoding a data folder with a model. eval: reconstruction quality
-(PSNR, SSIM, MSE for images; SI-SNR and log-mel distance for audio) plus the same codebook figures,
-quantization error and bits per pixel (images) or kbps (audio) over a folder.
+(PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR and log-mel distance for audio) plus the same codebook figures,
+quantization error and bits per pixel (images: of the codes, and of the token files with either codec) or kbps
+(audio) over a folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vqtok.device import pick_device
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.evaluate import AudioEvaluator, ImageEvaluator
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.jobs.pipeline import load_for_inputs, find_token_files, image_batches, read_tokens_for_model
+from vqtok.jobs.pipeline import code_table, load_for_inputs, find_token_files, image_batches, read_tokens_for_model
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
@@ -117,35 +118,39 @@ class EvalReport:
 
 def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto", batch_size: int = 32,
                    stages: int | None = None, plot: Path | None = None) -> EvalReport:
-    """Images: PSNR / SSIM / MSE per image at its original size, usage, perplexity, quantization error, bits
-    per pixel. Audio: SI-SNR and log-mel distance per file (at the model's rate), kbps, usage and perplexity
-    per stage, with the first `stages` stages only when given. `plot`: a PNG of the first file(s): inputs
-    above reconstructions (images) or the two log-mel spectrograms (audio)."""
+    """Images: PSNR / SSIM / MS-SSIM / MSE per image at its original size, usage, perplexity, quantization
+    error, bits per pixel of the codes and of the token files `vqtok encode` would write with either codec
+    (see ImageEvaluator). Audio: SI-SNR and log-mel distance per file (at the model's rate), kbps, usage and
+    perplexity per stage. Both score the first `stages` residual stages only when given (a lower bitrate).
+    `plot`: a PNG of the first file(s): inputs above reconstructions (images) or the two log-mel spectrograms
+    (audio)."""
     dev = pick_device(device)
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     failed: list[tuple[str, str]] = []
     if modality == "audio":
         return _evaluate_audio(model, paths, dev, stages, plot, failed)
-    if stages is not None:
-        raise VqtokError("--stages applies to audio models; image models are scored with all their stages")
-    evaluator = ImageEvaluator(model)
+    evaluator = ImageEvaluator(model, stages, code_table(model))
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     for items, batch in image_batches(paths, model.hop, batch_size, lambda p, why: failed.append((str(p), why))):
+        # The names `vqtok encode` would put in the token file headers, so measured file sizes are exact.
+        sources = [data.relative_name(path, inputs).as_posix() for path, _ in items]
         # Every image in a batch shares its padded shape but not always its original size: score each
         # image's own region so padding never counts.
         sizes = {size for _, size in items}
         x = batch.to(dev).float().div_(255.0)
         if len(sizes) == 1:
-            recon = evaluator.add(x, sizes.pop())
+            recon = evaluator.add(x, sizes.pop(), sources)
         else:
-            recon = torch.cat([evaluator.add(x[i:i + 1], size) for i, (_, size) in enumerate(items)])
+            recon = torch.cat([evaluator.add(x[i:i + 1], size, sources[i:i + 1])
+                               for i, (_, size) in enumerate(items)])
         if first is None:
             first = (x[:PLOT_ITEMS].cpu(), recon[:PLOT_ITEMS].cpu())
     if evaluator.images == 0:
         raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
     if plot is not None and first is not None:
         plots.reconstruction_grid(first[0], first[1], plot)
-    return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed)
+    metrics = {**evaluator.result(), "stages": float(evaluator.stages)}
+    return EvalReport(metrics=metrics, counts=evaluator.counts.numpy(), failed=failed)
 
 
 def _evaluate_audio(model: Tokenizer, paths: list[Path], dev: torch.device, stages: int | None,
