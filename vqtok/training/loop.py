@@ -207,12 +207,12 @@ class _Run:
         self.net = model if procs.world == 1 else DistributedDataParallel(
             model, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
 
-    def _loader(self, dataset: Any, batches: Iterable[list[Any]]) -> DataLoader:
+    def _loader(self, dataset: Any, batches: Iterable[list[Any]], workers: int) -> DataLoader:
         # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
         # the model's random draws depend on the number of loaders made so far.
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.workers,
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                           pin_memory=self.procs.device.type == "cuda", generator=torch.Generator(),
-                          prefetch_factor=4 if self.workers else None)
+                          prefetch_factor=4 if workers else None)
 
     def steps(self, start: int) -> None:
         """Train from step `start` to the end, logging, validating and checkpointing as configured."""
@@ -225,7 +225,7 @@ class _Run:
         self.model.train()
         self._clock = (start, time.perf_counter(), time.perf_counter())
         with (metrics_path.open("a") if self.procs.main else _NoFile()) as log:
-            for step, batch in zip(range(start, cfg.steps), self._loader(task.train_data, plan)):
+            for step, batch in zip(range(start, cfg.steps), self._loader(task.train_data, plan, self.workers)):
                 record = self._step(step, batch)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -284,7 +284,9 @@ class _Run:
         self.model.eval()
         task = self.task
         size = self.config.batch_size if task.modality == "image" else 1  # audio segments differ in length
-        loader = self._loader(task.val_data, batches_of(task.val_items, size))
+        # Read in this process: workers forked now would copy a process grown by training, and their
+        # copy-on-write pages would cost more memory than the few held-out files cost time.
+        loader = self._loader(task.val_data, batches_of(task.val_items, size), 0)
         with torch.no_grad():
             result = task.evaluate(self.model, self._inputs(loader), self.procs.device)
         self.model.train(was_training)
