@@ -36,13 +36,7 @@ def audio_config(strides: tuple[int, ...] = (2, 4, 5, 8), stages: int = 4) -> Mo
                        quantizer=QuantizerConfig(dim=16, codebook_size=64, stages=stages, stage_dropout=0.5))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy machine OpenMP barriers make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ original rate, length and channel count, and decode writes a WAV at that rate an
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from vqtok.errors import TokenFileError, VqtokError
 from vqtok.modelfile import load
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
-from vqtok.tokens.tokfile import MAGIC, Tokens, read_tokens, write_tokens
+from vqtok.tokens.tokfile import Tokens, peek_header, read_tokens, write_tokens
 
 TOKEN_SUFFIX = ".vqt"
 
@@ -458,15 +457,6 @@ def read_tokens_for_model(path: Path, table: np.ndarray | None) -> Tokens:
 
 
 def _header_stages(path: Path) -> int | None:
-    """The "stages" field of a token file's JSON header, or None when it cannot be peeked at (read_tokens
-    then reports the problem). Layout: magic (4), version (2), header length u32 (4), header."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(10)
-            if len(head) < 10 or head[:4] != MAGIC:
-                return None
-            size = int.from_bytes(head[6:10], "little")
-            stages = json.loads(f.read(min(size, 1 << 16))).get("stages")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The "stages" field of a token file's header, or None when the header cannot be read."""
+    stages = (peek_header(path) or {}).get("stages")
     return stages if isinstance(stages, int) and stages >= 1 else None

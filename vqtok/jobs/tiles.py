@@ -33,7 +33,6 @@ whole-image results agree there only up to such near-ties.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -43,7 +42,7 @@ import torch
 from vqtok.data import io as data
 from vqtok.errors import VqtokError
 from vqtok.nets.tokenizer import Tokenizer, image_decoder_context, image_encoder_context
-from vqtok.tokens.tokfile import MAGIC, MAX_HEADER_BYTES
+from vqtok.tokens.tokfile import peek_header
 
 # Side of a tile's core in pixels. Windows of 512 + 2 * 16 pixels (downsample 4) cost ~60 MB of activations;
 # the margins add 13% of work at downsample 4, 27% at 8 and 56% at 16.
@@ -166,7 +165,7 @@ def checked_image_size(token_path: Path, hop: int) -> tuple[int, int] | None:
     refuses such inputs, so such a file is damaged or built to make decode allocate without bound. None when
     the header cannot be read at all; `read_tokens` then reports why.
     """
-    header = _peek_header(token_path)
+    header = peek_header(token_path)
     if header is None:
         return None
     size, grid = header.get("original_size"), header.get("grid")
@@ -182,17 +181,3 @@ def checked_image_size(token_path: Path, hop: int) -> tuple[int, int] | None:
                          f"downsample {hop}, the header says {grid}")
     return height, width
 
-
-def _peek_header(path: Path) -> dict | None:
-    """The JSON header of a token file (layout: magic (4), version (2), header length u32 (4), header), or None
-    when it cannot be read."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(10)
-            if len(head) < 10 or head[:4] != MAGIC:
-                return None
-            size = int.from_bytes(head[6:10], "little")
-            header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else None
-    except (OSError, ValueError, RecursionError):
-        return None
-    return header if isinstance(header, dict) else None

@@ -231,6 +231,21 @@ def write_tokens(
     return len(data)
 
 
+def peek_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a token file, read without its payload (layout: magic (4), version (2), header length
+    u32 (4), header), or None when it cannot be read; `read_tokens` then reports the problem."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+            if len(head) < 10 or head[:4] != MAGIC:
+                return None
+            size = int.from_bytes(head[6:10], "little")
+            header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def read_tokens(path: str | os.PathLike, *, table: np.ndarray | None = None) -> Tokens:
     """Read a token file. table: the model's (S, K) code counts, needed for files that record
     "table": "model". Raises TokenFileError (naming the file) for anything unreadable."""
