@@ -77,12 +77,3 @@ def start(device_name: str) -> Processes:
     if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Processes(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-def default_workers() -> int:
-    """DataLoader workers per process: the cores left for data loading, shared among the processes of this
-    machine (at least 1, at most 8). Decoding a batch costs far less than a training step, so a worker or two
-    keeps up; more only take cores from the model's own threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, cores // (2 * local)))

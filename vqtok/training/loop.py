@@ -34,6 +34,7 @@ from vqtok import __version__
 from vqtok.atomic import write_bytes_atomic
 from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import io as data
+from vqtok.data.readers import default_workers
 from vqtok.data.streams import Batch, BatchPlan, batches_of, collate
 from vqtok.errors import VqtokError
 from vqtok.modelfile import save_model
@@ -102,7 +103,7 @@ def train(
     procs = distributed.start(train_config.device)
     try:
         return _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume,
-                      distributed.default_workers() if num_workers is None else num_workers,
+                      default_workers() if num_workers is None else num_workers,
                       on_progress if procs.main else None, (on_status or (lambda _m: None)) if procs.main
                       else (lambda _m: None))
     finally:
