@@ -159,7 +159,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    num_workers: Annotated[Optional[int], typer.Option(help="Worker processes reading training files, per process (0: read in the training process; default: from the core count).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Worker processes reading training files, per process (0: read in the training process; default: half the CPU cores, shared among torchrun processes, 1 to 8).")] = None,
     device: DeviceOpt = _T.device,
     json_out: JsonOpt = False,
 ) -> None:
