@@ -17,9 +17,13 @@ def _temp_beside(target: Path) -> tuple[int, Path]:
     writers that pick a format from it (Pillow, soundfile) still work: (descriptor, path)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-    os.fchmod(fd, 0o666 & ~_UMASK)
     return fd, Path(tmp)
+
+
+def _normal_mode(path: Path) -> None:
+    # mkstemp creates 0600 files, and some writers (safetensors) replace the file they are given: set the
+    # permissions a plain open() would have given once the writing is done.
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 @contextlib.contextmanager
@@ -30,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp_path
+        _normal_mode(tmp_path)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -44,6 +49,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _normal_mode(tmp_path)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
