@@ -14,6 +14,7 @@ with the item, so a bad file costs a warning, not the run.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ def batches_of(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     return [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
-class _FileItems(Dataset):
-    """Items made from files, with the substitution rule for unreadable ones."""
+class _FileItems(Dataset, abc.ABC):
+    """Items made from files by `make`, with the substitution rule for unreadable ones."""
 
     def __init__(self, paths: Sequence[Path | str]):
         # Plain strings: cheap to copy into worker processes and no per-access refcount churn on Path objects.
@@ -143,8 +144,9 @@ class _FileItems(Dataset):
                 skipped.append((path, str(err)))
         raise VqtokError(f"none of the {len(self.paths)} files could be read (first: {skipped[0][1]})")
 
+    @abc.abstractmethod
     def make(self, path: str, rng: np.random.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """One item from the file at `path`, its random choices drawn from `rng`; VqtokError if unreadable."""
 
 
 class ImageCrops(_FileItems):
