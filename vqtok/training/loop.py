@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -227,14 +227,14 @@ class _Run:
         self._clock = (start, time.perf_counter(), time.perf_counter())
         with (metrics_path.open("a") if self.procs.main else _NoFile()) as log:
             for step, batch in zip(range(start, cfg.steps), self._loader(task.train_data, plan, self.workers)):
-                record = self._step(step, batch)
+                outcome = self._step(step, batch)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    self._log(log, done, record)
+                    self._log(log, done, outcome)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     self._checkpoint(log, done)
 
-    def _step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+    def _step(self, step: int, batch: Batch) -> _StepOutcome:
         lr = learning_rate(step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -246,13 +246,13 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"lr": torch.tensor(lr), "loss": loss.detach(), "recon": recon.detach(),
-                **{k: v.detach() for k, v in out.losses.items()}, "_recon": out.recon.detach(), "_x": x}
+        losses = {"loss": loss.detach(), "recon": recon.detach(), **{k: v.detach() for k, v in out.losses.items()}}
+        return _StepOutcome(lr, losses, out.recon.detach(), x)
 
-    def _log(self, log: Any, done: int, step_out: dict[str, torch.Tensor]) -> None:
+    def _log(self, log: Any, done: int, step_out: _StepOutcome) -> None:
         """One metrics line: losses and batch figures averaged over the processes, codebook figures."""
-        local = {k: float(v) for k, v in step_out.items() if not k.startswith("_")}
-        local.update(self.task.batch_metrics(step_out["_recon"], step_out["_x"]))
+        local = {"lr": step_out.lr, **{k: float(v) for k, v in step_out.losses.items()}}
+        local.update(self.task.batch_metrics(step_out.recon, step_out.inputs))
         figures = self.procs.mean(local)
         if not self.procs.main:
             return
@@ -303,6 +303,16 @@ class _Run:
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
+
+
+class _StepOutcome(NamedTuple):
+    """What one step leaves for its metrics line: learning rate, loss terms (detached scalars), and the batch's
+    reconstructions and inputs."""
+
+    lr: float
+    losses: dict[str, torch.Tensor]
+    recon: torch.Tensor
+    inputs: torch.Tensor
 
 
 class _NoFile:
