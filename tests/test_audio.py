@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ import torchaudio.functional as AF
 from vqtok.data import io as data
 from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.data.streams import AudioSegments, read_audio_headers
-from vqtok.training.audiosets import mel_sizes, segment_samples
+from vqtok.training.audiosets import AudioTask, mel_sizes, segment_samples, spectral_scales
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
                                resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
@@ -94,9 +95,10 @@ def test_codes_are_one_frame_per_hop(strides: tuple[int, ...]) -> None:
     assert model.decode(out.indices).shape == x.shape
 
 
-def test_contexts_bound_the_receptive_fields() -> None:
+@pytest.mark.parametrize("activation", ["elu", "snake"])
+def test_contexts_bound_the_receptive_fields(activation: str) -> None:
     torch.manual_seed(0)
-    model = Tokenizer(audio_config())
+    model = Tokenizer(dataclasses.replace(audio_config(), activation=activation))
     hop, frames, mid = 320, 40, 20
     x = torch.zeros(1, 1, hop * frames, requires_grad=True)
     model.encoder(x)[0, :, mid].sum().backward()
@@ -160,6 +162,35 @@ def test_mel_loss_sizes_scale_with_the_rate() -> None:
     assert [n for n, _ in mel_sizes(16000)] == [512, 1024, 2048]
     assert [n for n, _ in mel_sizes(8000)] == [256, 512, 1024]
     assert [n for n, _ in mel_sizes(44100)] == [1024, 2048, 4096]
+
+
+def test_spectral_scales_scale_with_the_rate() -> None:
+    assert spectral_scales(16000) == [(32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320)]
+    assert spectral_scales(8000) == [(16, 4), (32, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
+
+
+@pytest.mark.parametrize("loss", ["waveform", "spectral"])
+def test_reconstruction_losses_vanish_only_on_the_target(loss: str) -> None:
+    task = AudioTask.__new__(AudioTask)  # the loss needs only the rate and the choice
+    task.sample_rate, task.loss = RATE, loss
+    torch.manual_seed(0)
+    target = torch.randn(2, 1, 4000) * 0.1
+    assert float(task.reconstruction_loss(target, target)) == pytest.approx(0.0, abs=1e-6)
+    noisy = float(task.reconstruction_loss(target + 0.01 * torch.randn_like(target), target))
+    quiet = float(task.reconstruction_loss(0.5 * target, target))
+    assert noisy > 0 and quiet > 0
+
+
+def test_snake_learns_its_frequency_and_round_trips_in_the_config() -> None:
+    config = dataclasses.replace(audio_config(), activation="snake")
+    assert ModelConfig.from_json(config.to_json()).activation == "snake"
+    model = Tokenizer(config)
+    alphas = [name for name, _ in model.named_parameters() if name.endswith("alpha")]
+    assert alphas and all(name.startswith(("encoder", "decoder")) for name in alphas)
+    model(torch.randn(1, 1, 640) * 0.1).recon.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in alphas)
+    with pytest.raises(VqtokError, match="activation"):
+        dataclasses.replace(audio_config(), activation="relu").validate()
 
 
 def test_training_run_reports_audio_figures(trained: Path) -> None:

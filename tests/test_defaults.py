@@ -23,6 +23,11 @@ def test_audio_defaults_apply_where_not_given() -> None:
     assert (model.channels, train.batch_size, train.segment_seconds) == (64, 8, AUDIO["segment_seconds"])
 
 
+def test_net_and_loss_options_reach_the_configs() -> None:
+    model, train = training_configs("audio", res_channels=48, activation="snake", audio_loss="spectral")
+    assert (model.res_channels, model.activation, train.audio_loss) == (48, "snake", "spectral")
+
+
 def test_one_stage_audio_has_no_stage_dropout() -> None:
     assert training_configs("audio", stages=1)[0].quantizer.stage_dropout == 0.0
     assert training_configs("image", stages=4)[0].quantizer.stage_dropout == QuantizerConfig().stage_dropout

@@ -122,15 +122,19 @@ def test_crops_are_random_and_seeded(tmp_path: Path) -> None:
     assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x in first)
     assert all(torch.equal(a, crops[item][0]) for a, item in zip(first, items))  # same item, same crop
     source = torch.from_numpy(np.array(Image.open(big))).permute(2, 0, 1)
-    offsets = set()
+    offsets, mirrored = set(), []
     for (f, _), crop in zip(items, first):
-        if f == 0:  # a crop of the file at its own scale
-            hits = [(y, x) for y in range(25) for x in range(45) if torch.equal(source[:, y:y + 16, x:x + 16], crop)]
-            assert hits
-            offsets.add(hits[0])
+        if f == 0:  # a crop of the file at its own scale, mirrored or not
+            windows = {(y, x): source[:, y:y + 16, x:x + 16] for y in range(25) for x in range(45)}
+            hits = [(at, flip) for at, w in windows.items() for flip in (False, True)
+                    if torch.equal(w.flip(-1) if flip else w, crop)]
+            assert len(hits) == 1
+            offsets.add(hits[0][0])
+            mirrored.append(hits[0][1])
         else:  # smaller than the crop: resized up, so every pixel is the flat colour
             assert (crop[0] == 200).all()
     assert len(offsets) > 4
+    assert 3 <= sum(mirrored) <= len(mirrored) - 3  # about half are mirrored
     # Two ranks take the two halves of every global batch.
     halves = [list(BatchPlan(2, 8, 3, 0, 4, rank=r, world=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*halves)] == list(plan)

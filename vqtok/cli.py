@@ -46,6 +46,16 @@ class CodebookUpdate(str, Enum):
     ema = "ema"
 
 
+class AudioLoss(str, Enum):
+    waveform = "waveform"
+    spectral = "spectral"
+
+
+class Activation(str, Enum):
+    elu = "elu"
+    snake = "snake"
+
+
 class Affine(str, Enum):
     off = "off"
     learned = "learned"
@@ -136,8 +146,11 @@ def train(
     sample_rate: Annotated[Optional[int], typer.Option(help="Audio model rate in Hz; files are resampled to it (default: the most common rate of the files).")] = None,
     strides: Annotated[str, typer.Option(help="Audio encoder strides; their product is the hop (2,4,5,8: 320 samples, 50 frames/s at 16 kHz).")] = ",".join(map(str, _M.audio_strides)),
     segment_seconds: Annotated[float, typer.Option(help="Audio training crop length in seconds.")] = AUDIO["segment_seconds"],
+    activation: Annotated[Activation, typer.Option(help="Audio nets' nonlinearity: elu (SEANet) or snake (DAC).")] = Activation(_M.activation),
+    audio_loss: Annotated[AudioLoss, typer.Option(help="Audio reconstruction loss: waveform (squared error + light log-mel) or spectral (multi-scale log-mel L1, as DAC).")] = AudioLoss(_T.audio_loss),
     channels: Annotated[Optional[int], typer.Option(help=f"Hidden channels of the encoder/decoder (default: {_M.channels} images, {AUDIO['channels']} audio).")] = None,
     res_blocks: Annotated[Optional[int], typer.Option(help=f"Residual blocks on each side (audio: per stride) (default: {_M.res_blocks} images, {AUDIO['res_blocks']} audio).")] = None,
+    res_channels: Annotated[int, typer.Option(help="Hidden width inside each image residual block.")] = _M.res_channels,
     code_dim: Annotated[int, typer.Option(help="Code vector dimension D.")] = _Q.dim,
     codebook_size: Annotated[Optional[int], typer.Option(help=f"Codes per codebook K (default: {_Q.codebook_size} images, {AUDIO['codebook_size']} audio).")] = None,
     stages: Annotated[Optional[int], typer.Option(help=f"Residual quantizer stages (codebooks) (default: {_Q.stages} images, {AUDIO['stages']} audio).")] = None,
@@ -173,7 +186,9 @@ def train(
         model_config, train_config = training_configs(
             find_inputs(data)[0], steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
             downsample=downsample, audio_strides=_parse_strides(strides), segment_seconds=segment_seconds,
-            channels=channels, res_blocks=res_blocks, code_dim=code_dim, codebook_size=codebook_size,
+            audio_loss=audio_loss.value, activation=activation.value,
+            channels=channels, res_blocks=res_blocks, res_channels=res_channels, code_dim=code_dim,
+            codebook_size=codebook_size,
             stages=stages, stage_dropout=stage_dropout, estimator=estimator.value,
             codebook_update=codebook_update.value if codebook_update else None, codebook_weight=codebook_weight,
             beta=beta, ema_decay=ema_decay, affine=affine.value if affine else None, affine_groups=affine_groups,
@@ -364,13 +379,16 @@ def evaluate(
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Reconstruction quality (PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR, log-mel distance, kbps for audio) and
-    codebook figures of a model over a folder. Images also get bits per pixel: of the codes alone
-    (bits_per_pixel) and of the token files `vqtok encode` would write (bpp_packed_file, bpp_entropy_file)."""
+    """Reconstruction quality (PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR, log-mel distance and, with
+    `pip install vqtok[speech]`, PESQ wide-band and STOI for audio) and codebook figures of a model over a folder,
+    with the rate of the codes alone (bits_per_pixel, kbps) and of the token files `vqtok encode` would write
+    (bpp_packed_file and bpp_entropy_file for images, kbps_packed_file and kbps_entropy_file for audio)."""
     from vqtok.jobs.report import evaluate_model
 
     with _user_errors():
         result = evaluate_model(model, data, device=device, batch_size=batch_size, stages=stages, plot=plot)
+    for note in result.notes:
+        err.print(note, markup=False, soft_wrap=True)
     _report_failures(result.failed)
     if json_out:
         _print_json(result.to_dict())

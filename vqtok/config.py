@@ -78,7 +78,8 @@ class ModelConfig:
     modality: "image" (2-D convolutions, RGB in [0, 1]) or "audio" (1-D convolutions, mono waveform).
     channels: hidden width at the code resolution. downsample: total stride (image: 4, 8 or 16 per side;
     audio: product of `audio_strides`). res_blocks: residual blocks at the code resolution, on each side.
-    image_size: training crop side in pixels (images). sample_rate: Hz (audio).
+    image_size: training crop side in pixels (images). sample_rate: Hz (audio). activation: the audio nets'
+    nonlinearity, "elu" or "snake".
     """
 
     modality: Modality = "image"
@@ -90,6 +91,7 @@ class ModelConfig:
     image_size: int = 32
     sample_rate: int = 16000
     audio_strides: tuple[int, ...] = (2, 4, 5, 8)
+    activation: Literal["elu", "snake"] = "elu"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def validate(self) -> None:
@@ -101,6 +103,7 @@ class ModelConfig:
                    f"image size {self.image_size} must be a multiple of the downsampling factor {self.downsample}")
         else:
             _check(self.sample_rate > 0, f"sample rate must be > 0, got {self.sample_rate}")
+            _check(self.activation in ("elu", "snake"), f"activation must be elu or snake, got {self.activation!r}")
         self.quantizer.validate()
 
     def to_json(self) -> str:
@@ -124,7 +127,8 @@ class TrainConfig:
     """One training run. lr: peak AdamW learning rate after `warmup` steps, then cosine decay to lr * min_lr_ratio.
 
     val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
-    segment_seconds: random training crop length for audio.
+    segment_seconds: random training crop length for audio. audio_loss: "waveform" (squared error plus a light
+    log-mel term) or "spectral" (multi-scale log-mel L1 plus the squared error); see training/audiosets.py.
     """
 
     steps: int = 3000
@@ -139,6 +143,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     segment_seconds: float = 1.0
+    audio_loss: Literal["waveform", "spectral"] = "waveform"
     device: str = "auto"
 
     def validate(self) -> None:
@@ -148,6 +153,8 @@ class TrainConfig:
         _check(0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}")
         _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
         _check(self.segment_seconds > 0, "segment length must be > 0 s")
+        _check(self.audio_loss in ("waveform", "spectral"),
+               f"audio loss must be waveform or spectral, got {self.audio_loss!r}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vqtok.data import io as data
-from vqtok import stats
+from vqtok import speech, stats
 from vqtok.tokens import tokfile
 from vqtok.nets.tokenizer import Tokenizer
 
@@ -26,6 +26,35 @@ def codebook_figures(usages: list[stats.CodeUsage], err: float, energy: float) -
     }
 
 
+class TokenFileSizes:
+    """The sizes of the token files `vqtok encode` would write with a model, built in memory: with the packed
+    codec and, when a model code `table` (S, K) is given, with `--codec entropy` (which writes a file packed
+    when entropy coding would make it larger: `tokfile.encode_with_fallback`)."""
+
+    def __init__(self, model: Tokenizer, stages: int, table: np.ndarray | None = None):
+        self.model = model
+        self.codebook_size = model.config.quantizer.codebook_size
+        self.table = None if table is None else np.asarray(table)[:stages]
+        self.codecs = ("packed",) if table is None else ("packed", "entropy")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        # Hashes every weight, so only runs that measure token files pay for it.
+        return self.model.fingerprint()
+
+    def sizes(self, codes: np.ndarray, fields: dict[str, object]) -> dict[str, int]:
+        """Bytes of the whole token file (magic, JSON header, payload, checksum) per codec, for one file's codes
+        (S, *grid) and the header `fields` `vqtok encode` records besides the fingerprint and modality."""
+        header = {"fingerprint": self.fingerprint, "modality": self.model.config.modality, **fields}
+        sizes = {}
+        for codec in self.codecs:
+            table = self.table if codec == "entropy" else None
+            blob = tokfile.encode_with_fallback(codes, header, codebook_size=self.codebook_size, codec=codec,
+                                                table=table)
+            sizes[codec] = len(blob)
+        return sizes
+
+
 class ImageEvaluator:
     """Feeds images through a tokenizer and accumulates, per image on its original pixels, PSNR, SSIM, MS-SSIM
     and MSE, plus code counts per stage, the relative quantization error and bits per pixel.
@@ -34,7 +63,7 @@ class ImageEvaluator:
     `bits_per_pixel`, the codes alone at ceil(log2 K) bits each (grid * stages * ceil(log2 K) / (h * w));
     and, for images passed to `add` with their source names, the whole token file `vqtok encode` would write
     (magic, JSON header, payload, checksum), built in memory: `bpp_packed_file` for the packed codec and, when
-    a model code `table` (S, K) is given, `bpp_entropy_file` for `--codec entropy`.
+    a model code `table` (S, K) is given, `bpp_entropy_file` for `--codec entropy` (see TokenFileSizes).
     """
 
     def __init__(self, model: Tokenizer, stages: int | None = None, table: np.ndarray | None = None):
@@ -42,19 +71,14 @@ class ImageEvaluator:
         self.model = model
         self.stages = stages or q.stages
         self.codebook_size = q.codebook_size
-        self.table = None if table is None else np.asarray(table)[: self.stages]
+        self.token_files = TokenFileSizes(model, self.stages, table)
         self.counts = torch.zeros(self.stages, q.codebook_size, dtype=torch.long)
         self.images = 0
         self.file_images = 0
         self.sums = {"psnr": 0.0, "ssim": 0.0, "ms_ssim": 0.0, "mse": 0.0, "bits_per_pixel": 0.0}
-        self.file_sums = {"bpp_packed_file": 0.0} | ({} if table is None else {"bpp_entropy_file": 0.0})
+        self.file_sums = {f"bpp_{codec}_file": 0.0 for codec in self.token_files.codecs}
         self.err = 0.0
         self.energy = 0.0
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        # Hashes every weight, so only runs that measure token files pay for it.
-        return self.model.fingerprint()
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, size: tuple[int, int] | None = None,
@@ -92,13 +116,9 @@ class ImageEvaluator:
             raise ValueError(f"{len(sources)} source names for a batch of {len(codes)} images")
         pixels = size[0] * size[1]
         for item, source in zip(codes, sources):
-            header = token_header(self.fingerprint, size, source)
-            packed = tokfile.encode_tokens(item, header, codebook_size=self.codebook_size)
-            self.file_sums["bpp_packed_file"] += 8.0 * len(packed) / pixels
-            if self.table is not None:
-                coded = tokfile.encode_tokens(item, header, codebook_size=self.codebook_size, codec="entropy",
-                                              table=self.table)
-                self.file_sums["bpp_entropy_file"] += 8.0 * len(coded) / pixels
+            sizes = self.token_files.sizes(item, {"original_size": list(size), "source": source})
+            for codec, n in sizes.items():
+                self.file_sums[f"bpp_{codec}_file"] += 8.0 * n / pixels
         self.file_images += len(codes)
 
     def result(self) -> dict[str, float]:
@@ -114,40 +134,55 @@ class ImageEvaluator:
         return out
 
 
-def token_header(fingerprint: str, size: tuple[int, int], source: str) -> dict[str, object]:
-    """The header fields `vqtok encode` writes into an image token file (vqtok.jobs.pipeline.encode_files):
-    the model fingerprint, the modality, the original (h, w) and the input's relative name."""
-    return {"fingerprint": fingerprint, "modality": "image", "original_size": list(size), "source": source}
-
-
 class AudioEvaluator:
     """Feeds whole waves through a tokenizer and accumulates SI-SNR and log-mel distance (per file, on the
     original samples), code counts per stage, relative quantization error and the bitrate.
 
     `stages` limits the residual stages used (None: all), which is how one model is scored at several bitrates.
+    The bitrate comes two ways: `kbps`, the codes alone (stages x log2 K x frames per second); and, for files
+    passed to `add` with their header fields, the whole token file `vqtok encode` would write, built in
+    memory, over the file's duration: `kbps_packed_file` and, when a model code `table` (S, K) is given,
+    `kbps_entropy_file` (see TokenFileSizes). With `score_speech`, each file is also scored at 16 kHz with PESQ
+    wide-band (`pesq_wb`, over the files PESQ accepts; `pesq_skipped` counts the others) and STOI (`stoi`),
+    each when its package is installed (vqtok.speech).
     """
 
-    def __init__(self, model: Tokenizer, stages: int | None = None):
+    def __init__(self, model: Tokenizer, stages: int | None = None, table: np.ndarray | None = None,
+                 score_speech: bool = False):
         q = model.config.quantizer
         self.model = model
         self.stages = stages or q.stages
         self.codebook_size = q.codebook_size
+        self.token_files = TokenFileSizes(model, self.stages, table)
+        self.score_speech = score_speech
         self.counts = torch.zeros(self.stages, q.codebook_size, dtype=torch.long)
         self.files = 0
         self.samples = 0
         self.sums = {"si_snr": 0.0, "mel_distance": 0.0}
+        self.sized_files = 0
+        self.file_sums = {f"kbps_{codec}_file": 0.0 for codec in self.token_files.codecs}
+        self.speech_sums: dict[str, float] = {}
+        self.speech_files: dict[str, int] = {}
+        self.pesq_skipped = 0
         self.err = 0.0
         self.energy = 0.0
 
     @torch.no_grad()
-    def add(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave: (1, T) in [-1, 1] at the model's rate. Returns the clamped reconstruction (1, T)."""
+    def add(self, wave: torch.Tensor, fields: dict[str, object] | None = None) -> torch.Tensor:
+        """wave: (1, T) in [-1, 1] at the model's rate; `fields`: the header fields `vqtok encode` would record
+        for this file besides the fingerprint and modality (`vqtok.jobs.pipeline.audio_header` plus "source",
+        the path relative to the input folder), which makes the measured file sizes exact. Returns the clamped
+        reconstruction (1, T)."""
         padded, length = data.pad_length(wave, self.model.hop)
         out = self.model(padded[None], self.stages)
         recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
         rate = self.model.config.sample_rate
         self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])
         self.sums["mel_distance"] += float(stats.mel_distance(recon, wave, rate)[0])
+        if fields is not None:
+            self._add_file(out.indices[0].cpu().numpy(), fields)
+        if self.score_speech:
+            self._add_speech(speech.at_speech_rate(wave, rate), speech.at_speech_rate(recon, rate))
         flat = out.indices.movedim(1, -1).reshape(-1, self.stages)
         for s in range(self.stages):
             self.counts[s] += stats.count_codes(flat[:, s].cpu(), self.codebook_size)
@@ -159,16 +194,39 @@ class AudioEvaluator:
         self.samples += length
         return recon
 
+    def _add_file(self, codes: np.ndarray, fields: dict[str, object]) -> None:
+        """Accumulate 8 * token file bytes / duration in kbps for one file's codes (S, frames); the duration is
+        the original file's (original_length / original_sample_rate)."""
+        seconds = int(fields["original_length"]) / int(fields["original_sample_rate"])
+        for codec, n in self.token_files.sizes(codes, fields).items():
+            self.file_sums[f"kbps_{codec}_file"] += 8.0 * n / seconds / 1000.0
+        self.sized_files += 1
+
+    def _add_speech(self, reference: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Accumulate PESQ and STOI of one file, both (T,) at 16 kHz; a file PESQ refuses is counted, not scored."""
+        for key, value in speech.speech_scores(reference, decoded).items():
+            if value is None:  # only PESQ refuses a signal
+                self.pesq_skipped += 1
+                continue
+            self.speech_sums[key] = self.speech_sums.get(key, 0.0) + value
+            self.speech_files[key] = self.speech_files.get(key, 0) + 1
+
     def kbps(self) -> float:
         """stages x log2 K bits per code frame x frames per second, in kilobits per second."""
         rate = self.model.config.sample_rate
         return self.stages * math.log2(self.codebook_size) * rate / self.model.hop / 1000.0
 
     def result(self) -> dict[str, float]:
-        """Means per file; usage / perplexity averaged over stages, then one entry per stage."""
+        """Means per file (file kbps over the files added with header fields, PESQ over the files it scored),
+        usage / perplexity averaged over stages, then one entry per stage."""
         n = max(self.files, 1)
         out = {k: v / n for k, v in self.sums.items()}
+        out.update({k: v / self.speech_files[k] for k, v in self.speech_sums.items()})
+        if self.score_speech and "pesq" not in speech.missing_packages():
+            out["pesq_skipped"] = float(self.pesq_skipped)
         out["kbps"] = self.kbps()
+        if self.sized_files:
+            out.update({k: v / self.sized_files for k, v in self.file_sums.items()})
         usages = [stats.code_usage(c) for c in self.counts]
         out.update(codebook_figures(usages, self.err, self.energy))
         out["files"] = float(self.files)

@@ -1,5 +1,5 @@
 """Pictures drawn with Pillow alone: reconstruction grids, codebook usage histograms, spectrogram comparisons,
-rate-distortion curves and side-by-side crops.
+rate-distortion curves (one chart or several stacked) and side-by-side crops.
 
 Every function writes one PNG atomically and returns its path.
 """
@@ -258,7 +258,7 @@ def _mono(wave: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
     if t.ndim == 2 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"spectrogram_comparison: {what} must be a mono waveform (T,), got {tuple(t.shape)}")
+        raise ValueError(f"spectrogram_panels: {what} must be a mono waveform (T,), got {tuple(t.shape)}")
     return t.float()
 
 
@@ -285,27 +285,46 @@ def spectrogram_comparison(
     title: str = "",
     dynamic_range_db: float = 80.0,
 ) -> Path:
-    """Write a PNG with the log-mel spectrogram of `reference` (T,) above that of `reconstruction` (T',).
+    """Write a PNG with the log-mel spectrogram of `reference` (T,) above that of `reconstruction` (T',): the
+    two panels "input" and "reconstruction" of `spectrogram_panels` (see there)."""
+    return spectrogram_panels([("input", reference), ("reconstruction", reconstruction)], sample_rate, path,
+                              width=width, n_mels=n_mels, title=title, dynamic_range_db=dynamic_range_db)
 
-    Both use `stats.log_mel` (80 mel bands, 0 Hz to sample_rate / 2) and one shared colour scale: the
-    brightest bin of either is 0 dB and colours span `dynamic_range_db` below it (viridis-like: dark purple
-    quiet, yellow loud). The shorter signal is zero-padded so time lines up; the header gives the log-mel
-    distance of the two. The image is `width` px wide; each panel is 2 * n_mels px tall, low frequencies at
-    the bottom, with frequency ticks in Hz and a time axis in seconds.
+
+def spectrogram_panels(
+    waves: Sequence[tuple[str, torch.Tensor | np.ndarray]],
+    sample_rate: int,
+    path: str | os.PathLike,
+    width: int = 800,
+    n_mels: int = 80,
+    title: str = "",
+    dynamic_range_db: float = 80.0,
+) -> Path:
+    """Write a PNG with the log-mel spectrograms of `waves` = [(label, mono wave (T,))], one panel under the
+    other; the first is the reference, and every other panel's label gives its log-mel distance to it.
+
+    All use `stats.log_mel` (80 mel bands, 0 Hz to sample_rate / 2) and one shared colour scale: the
+    brightest bin of any is 0 dB and colours span `dynamic_range_db` below it (viridis-like: dark purple
+    quiet, yellow loud). Shorter signals are zero-padded so time lines up. The image is `width` px wide; each
+    panel is 2 * n_mels px tall, low frequencies at the bottom, with frequency ticks in Hz and a time axis in
+    seconds under the last.
     """
-    ref = _mono(reference, "reference")
-    rec = _mono(reconstruction, "reconstruction")
-    length = max(ref.numel(), rec.numel())
-    waves = torch.stack([torch.nn.functional.pad(w, (0, length - w.numel())) for w in (ref, rec)])
-    specs = log_mel(waves, sample_rate, n_mels=n_mels).numpy()  # (2, n_mels, frames), log10 magnitude
-    distance = float(mel_distance(waves[1:], waves[:1], sample_rate, n_mels=n_mels)[0])
+    if len(waves) < 2:
+        raise ValueError("spectrogram_panels: needs a reference and at least one other wave")
+    mono = [_mono(wave, "reference" if i == 0 else label) for i, (label, wave) in enumerate(waves)]
+    length = max(w.numel() for w in mono)
+    padded = torch.stack([torch.nn.functional.pad(w, (0, length - w.numel())) for w in mono])
+    specs = log_mel(padded, sample_rate, n_mels=n_mels).numpy()  # (N, n_mels, frames), log10 magnitude
+    distances = mel_distance(padded[1:], padded[:1].expand(len(mono) - 1, -1), sample_rate, n_mels=n_mels)
+    labels = [waves[0][0]] + [f"{label}   log-mel distance {float(d):.3f}"
+                              for (label, _), d in zip(waves[1:], distances)]
 
     left, right, top, bottom = 64, 72, 26, 40
     label_h, panel_gap = 18, 8
     pw, ph = width - left - right, 2 * n_mels
     if pw < 32:
-        raise ValueError(f"spectrogram_comparison: width {width} px leaves no room for the spectrograms")
-    height = top + 2 * (label_h + ph) + panel_gap + bottom
+        raise ValueError(f"spectrogram_panels: width {width} px leaves no room for the spectrograms")
+    height = top + len(mono) * (label_h + ph) + (len(mono) - 1) * panel_gap + bottom
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     font = _font()
@@ -315,12 +334,12 @@ def spectrogram_comparison(
     levels = np.clip((specs - vmin) / (vmax - vmin), 0.0, 1.0)
     lut = viridis_lut()
     header = f"{title}   " if title else ""
-    header += f"{sample_rate:,} Hz, {length / sample_rate:.2f} s   log-mel distance {distance:.3f}"
+    header += f"{sample_rate:,} Hz, {length / sample_rate:.2f} s"
     draw.text((left, 6), header, fill=INK, font=font)
 
     duration = length / sample_rate
     panel_tops = []
-    for i, name in enumerate(("input", "reconstruction")):
+    for i, name in enumerate(labels):
         y_label = top + i * (label_h + ph + panel_gap)
         y0 = y_label + label_h
         panel_tops.append(y0)
@@ -341,8 +360,8 @@ def spectrogram_comparison(
             draw.text((left - 8 - tw, y - th // 2 - 1), label, fill=INK, font=font)
         _draw_vertical_text(img, "Hz", (10, y0 + ph // 2))
 
-    # Time axis under the lower panel.
-    base = panel_tops[1] + ph
+    # Time axis under the last panel.
+    base = panel_tops[-1] + ph
     step = _time_step(duration)
     for j in range(int(duration / step + 1e-9) + 1):
         t = j * step
@@ -354,7 +373,7 @@ def spectrogram_comparison(
     tw, _ = _text_size("time (s)")
     draw.text((left + (pw - tw) // 2, height - 16), "time (s)", fill=INK, font=font)
 
-    # Colour bar spanning both panels, loud at the top.
+    # Colour bar spanning all panels, loud at the top.
     bx0, by0, by1 = left + pw + 12, panel_tops[0], base
     ramp = lut[np.linspace(255, 0, by1 - by0).round().astype(np.int64)]
     bar = np.repeat(ramp[:, None, :], 12, axis=1)
@@ -396,11 +415,39 @@ def rate_distortion_plot(
     height: int = 520,
 ) -> Path:
     """Write a PNG line chart, `width` x `height` px: one line with point markers per named curve of (x, y)
-    points (drawn in x order), coloured from SERIES_COLOURS in the mapping's order, with a legend on the right.
+    points (drawn in x order), coloured from SERIES_COLOURS by place in the mapping, with a legend on the right.
 
     Both axes are linear and span round ticks (`nice_ticks`) around every point of every curve; curves with
     no points are left out of the drawing and the legend.
     """
+    return _save(_line_chart(curves, title, x_label, y_label, width, height), path)
+
+
+def rate_distortion_charts(
+    charts: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    path: str | os.PathLike,
+    title: str = "",
+    x_label: str = "bits per pixel",
+    width: int = 800,
+    height: int = 420,
+) -> Path:
+    """Write a PNG of several `rate_distortion_plot` charts, one under the other, each `width` x `height` px:
+    charts = {y label: curves}, sharing `x_label`; `title` goes above the first. A chart with no points at all
+    is left out."""
+    drawn = {y_label: curves for y_label, curves in charts.items() if any(len(p) for p in curves.values())}
+    if not drawn:
+        raise ValueError("rate_distortion_charts: no points to draw")
+    images = [_line_chart(curves, title if i == 0 else "", x_label, y_label, width, height)
+              for i, (y_label, curves) in enumerate(drawn.items())]
+    img = Image.new("RGB", (width, height * len(images)), BACKGROUND)
+    for i, chart in enumerate(images):
+        img.paste(chart, (0, i * height))
+    return _save(img, path)
+
+
+def _line_chart(curves: Mapping[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str,
+                width: int, height: int) -> Image.Image:
+    """The picture `rate_distortion_plot` writes (see there)."""
     drawn = {name: sorted(points) for name, points in curves.items() if len(points)}
     if not drawn:
         raise ValueError("rate_distortion_plot: no points to draw")
@@ -426,8 +473,10 @@ def rate_distortion_plot(
     tw, _ = _text_size(x_label)
     draw.text((left + (pw - tw) // 2, height - 20), x_label, fill=INK, font=_font())
     _draw_vertical_text(img, y_label, (12, top + ph // 2))
+    # Colours follow each curve's place in `curves`, drawn or not, so stacked charts of one set match.
+    colours = {name: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, name in enumerate(curves)}
     for i, (name, points) in enumerate(drawn.items()):
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        colour = colours[name]
         pixels = [to_px(x, y) for x, y in points]
         if len(pixels) > 1:
             draw.line(pixels, fill=colour, width=2)
@@ -438,7 +487,7 @@ def rate_distortion_plot(
         draw.line((lx, ly, lx + 24, ly), fill=colour, width=2)
         draw.ellipse((lx + 9, ly - 3, lx + 15, ly + 3), fill=colour)
         draw.text((lx + 30, ly - _text_size(name)[1] // 2 - 1), name, fill=INK, font=_font())
-    return _save(img, path)
+    return img
 
 
 def _draw_axes(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], x_ticks: list[float],

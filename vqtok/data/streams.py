@@ -150,8 +150,9 @@ class _FileItems(Dataset, abc.ABC):
 
 
 class ImageCrops(_FileItems):
-    """uint8 (3, size, size) random crops at the file's own scale. A file whose shorter side is below `size`
-    is first resized (bicubic) so that side equals `size`; nothing else is resized."""
+    """uint8 (3, size, size) random crops at the file's own scale, mirrored left-right with probability 1/2.
+    A file whose shorter side is below `size` is first resized (bicubic) so that side equals `size`; nothing
+    else is resized."""
 
     def __init__(self, paths: Sequence[Path | str], size: int):
         super().__init__(paths)
@@ -166,7 +167,10 @@ class ImageCrops(_FileItems):
             h, w = max(s, round(h * scale)), max(s, round(w * scale))
             arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
         top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
-        crop = np.require(arr[top:top + s, left:left + s], requirements=["C", "W"])
+        crop = arr[top:top + s, left:left + s]
+        if rng.integers(2):
+            crop = crop[:, ::-1]
+        crop = np.require(crop, requirements=["C", "W"])
         return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
 
 

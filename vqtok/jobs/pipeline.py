@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from vqtok.atomic import write_bytes_atomic
 from vqtok.data import io as data
 from vqtok.data.readers import (BatchItems, available_cores, batch_rows, decoded_chunks, default_workers,
                                 shape_batches)
@@ -32,7 +33,7 @@ from vqtok.errors import TokenFileError, VqtokError
 from vqtok.modelfile import load
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
-from vqtok.tokens.tokfile import Tokens, peek_header, read_tokens, write_tokens
+from vqtok.tokens.tokfile import Tokens, encode_with_fallback, peek_header, read_tokens
 
 TOKEN_SUFFIX = ".vqt"
 
@@ -210,11 +211,14 @@ class _TokenFiles:
 
     def write(self, source: str, codes: np.ndarray, header: dict) -> None:
         target = self.target(source)
+        # --codec entropy falls back to packed for a file it would make larger (see encode_with_fallback).
+        blob = encode_with_fallback(codes, header, codebook_size=self.codebook_size, codec=self.codec,
+                                    table=self.table)
         try:
-            self.report.bytes += write_tokens(target, codes, header, codebook_size=self.codebook_size,
-                                              codec=self.codec, table=self.table)
+            write_bytes_atomic(target, blob)
         except OSError as err:
             raise VqtokError(f"{target}: cannot write the token file ({err.strerror or err})") from None
+        self.report.bytes += len(blob)
         self.report.written.append(str(target))
 
     def finish(self) -> None:
@@ -336,9 +340,16 @@ def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
     source, signal = model_signal(path, rate, mono)
     with source:
         codes = encode_signal(model, signal, stages, chunk_seconds)
-    header = {"sample_rate": rate, "original_sample_rate": source.rate, "original_length": source.length,
-              "channels": source.file_channels, "channel_mode": "mono" if mono else "keep"}
-    return codes, header
+    return codes, audio_header(rate, (source.rate, source.length, source.file_channels), mono)
+
+
+def audio_header(sample_rate: int, info: tuple[int, int, int], mono: bool) -> dict:
+    """The header fields decode needs for a file encoded at `sample_rate` (the model's), from its `info`
+    (rate in Hz, frames, channels; `data.audio_info`): sample_rate, original_sample_rate, original_length,
+    channels, channel_mode."""
+    rate, frames, channels = info
+    return {"sample_rate": sample_rate, "original_sample_rate": rate, "original_length": frames,
+            "channels": channels, "channel_mode": "mono" if mono else "keep"}
 
 
 def image_batches(

@@ -2,9 +2,9 @@
 
 inspect: how a codebook is used (usage, dead codes, perplexity, entropy in bits/token against log2 K, the most
 used codes), measured from token files or by encoding a data folder with a model. eval: reconstruction quality
-(PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR and log-mel distance for audio) plus the same codebook figures,
-quantization error and bits per pixel (images: of the codes, and of the token files with either codec) or kbps
-(audio) over a folder.
+(PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR, log-mel distance and, with the optional packages, PESQ and STOI
+for audio) plus the same codebook figures, quantization error and the rate: bits per pixel (images) or kbps
+(audio), of the codes and of the token files with either codec, over a folder.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from vqtok.data import io as data
-from vqtok import plots, stats
+from vqtok import plots, speech, stats
 from vqtok.device import pick_device
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.evaluate import AudioEvaluator, ImageEvaluator
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.jobs.pipeline import code_table, load_for_inputs, find_token_files, image_batches, read_tokens_for_model
+from vqtok.jobs.pipeline import (audio_header, code_table, find_token_files, image_batches, load_for_inputs,
+                                 read_tokens_for_model)
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
@@ -100,7 +101,7 @@ def inspect_tokens(inputs: Sequence[Path], table: np.ndarray | None = None) -> I
 def inspect_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",
                   batch_size: int = 32) -> InspectReport:
     """Encode the files under `inputs` with the model (nothing written) and count its codes."""
-    result = evaluate_model(model_path, inputs, device=device, batch_size=batch_size)
+    result = evaluate_model(model_path, inputs, device=device, batch_size=batch_size, score_speech=False)
     files = result.metrics["images"] if "images" in result.metrics else result.metrics["files"]
     return InspectReport(source=", ".join(str(p) for p in inputs), files=int(files),
                          codebook_size=result.counts.shape[1], counts=result.counts, failed=result.failed)
@@ -111,24 +112,27 @@ class EvalReport:
     metrics: dict[str, float]
     counts: np.ndarray  # (S, K)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, for the reader (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.metrics, "failed": [{"file": f, "error": e} for f, e in self.failed]}
 
 
 def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto", batch_size: int = 32,
-                   stages: int | None = None, plot: Path | None = None) -> EvalReport:
+                   stages: int | None = None, plot: Path | None = None, score_speech: bool = True) -> EvalReport:
     """Images: PSNR / SSIM / MS-SSIM / MSE per image at its original size, usage, perplexity, quantization
     error, bits per pixel of the codes and of the token files `vqtok encode` would write with either codec
-    (see ImageEvaluator). Audio: SI-SNR and log-mel distance per file (at the model's rate), kbps, usage and
-    perplexity per stage. Both score the first `stages` residual stages only when given (a lower bitrate).
+    (see ImageEvaluator). Audio: SI-SNR and log-mel distance per file (at the model's rate), PESQ wide-band
+    and STOI at 16 kHz when their packages are installed, kbps of the codes and of the token files with either
+    codec, usage and perplexity per stage (see AudioEvaluator). Both score the first `stages` residual stages
+    only when given (a lower bitrate).
     `plot`: a PNG of the first file(s): inputs above reconstructions (images) or the two log-mel spectrograms
-    (audio)."""
+    (audio). `score_speech=False` leaves PESQ and STOI out (for callers that only count codes)."""
     dev = pick_device(device)
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     failed: list[tuple[str, str]] = []
     if modality == "audio":
-        return _evaluate_audio(model, paths, dev, stages, plot, failed)
+        return _evaluate_audio(model, paths, inputs, dev, stages, plot, failed, score_speech)
     evaluator = ImageEvaluator(model, stages, code_table(model))
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     for items, batch in image_batches(paths, model.hop, batch_size, lambda p, why: failed.append((str(p), why))):
@@ -153,24 +157,30 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
     return EvalReport(metrics=metrics, counts=evaluator.counts.numpy(), failed=failed)
 
 
-def _evaluate_audio(model: Tokenizer, paths: list[Path], dev: torch.device, stages: int | None,
-                    plot: Path | None, failed: list[tuple[str, str]]) -> EvalReport:
-    """Each file whole, mono at the model's rate (see AudioEvaluator)."""
-    evaluator = AudioEvaluator(model, stages)
+def _evaluate_audio(model: Tokenizer, paths: list[Path], inputs: Sequence[Path], dev: torch.device,
+                    stages: int | None, plot: Path | None, failed: list[tuple[str, str]],
+                    score_speech: bool) -> EvalReport:
+    """Each file whole, mono at the model's rate (see AudioEvaluator); its token file sizes are measured with
+    the header `vqtok encode` would write for it (mono)."""
+    evaluator = AudioEvaluator(model, stages, code_table(model), score_speech)
     rate = model.config.sample_rate
     for path in paths:
         try:
             wave = data.load_audio(path, rate).to(dev)
+            fields = {**audio_header(rate, data.audio_info(path), mono=True),
+                      "source": data.relative_name(path, inputs).as_posix()}
         except VqtokError as err:
             failed.append((str(path), str(err)))
             continue
-        recon = evaluator.add(wave)
+        recon = evaluator.add(wave, fields)
         if plot is not None and evaluator.files == 1:
             plots.spectrogram_comparison(wave[0].cpu(), recon[0].cpu(), rate, plot,
                                          title=f"{path.name}, {evaluator.stages} stages, {evaluator.kbps():.2f} kbps")
     if evaluator.files == 0:
         raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
-    return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed)
+    note = speech.missing_note() if score_speech else None
+    return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed,
+                      notes=[] if note is None else [note])
 
 
 def write_usage_plot(report: InspectReport, path: Path) -> None:

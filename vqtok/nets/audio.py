@@ -6,6 +6,9 @@ kernel 2s that doubles the width (capped at `config.channels`), then ELU and a k
 dimension. The decoder mirrors it with transposed convolutions. The total stride (the hop) is
 prod(audio_strides): (2, 4, 5, 8) turns 16 kHz into 50 code frames per second.
 
+`config.activation` is "elu" (SEANet) or "snake" (x + sin^2(a x) / a with a learned per channel, as in DAC /
+BigVGAN): a periodic bias that suits voiced speech and music.
+
 Every convolution is centred and zero padded, and every strided layer maps T samples to exactly T / s, so a
 frame's codes depend only on the samples within the receptive field around it. `encoder_context` and
 `decoder_context` give those reaches, which is what chunked encoding and decoding of long files rely on.
@@ -37,23 +40,40 @@ def stage_widths(config: ModelConfig) -> list[int]:
     return [min(config.channels, base * 2**i) for i in range(len(config.audio_strides) + 1)]
 
 
-class ResidualUnit(nn.Module):
-    """x + 1x1(ELU(conv_k3,dilation d(ELU(x)))) at `channels` wide, hidden width channels / 2."""
+class Snake(nn.Module):
+    """x + sin^2(a x) / a per channel (Ziyin et al. 2020), a initialised to 1: (B, C, T) -> (B, C, T)."""
 
-    def __init__(self, channels: int, dilation: int):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The epsilon keeps 1 / a finite should a learned a reach 0.
+        return x + torch.sin(self.alpha * x).pow(2) / (self.alpha + 1e-9)
+
+
+def activation(kind: str, channels: int) -> nn.Module:
+    """The nonlinearity before a convolution that reads `channels` channels."""
+    return Snake(channels) if kind == "snake" else nn.ELU()
+
+
+class ResidualUnit(nn.Module):
+    """x + 1x1(act(conv_k3,dilation d(act(x)))) at `channels` wide, hidden width channels / 2."""
+
+    def __init__(self, channels: int, dilation: int, kind: str):
         super().__init__()
         hidden = max(1, channels // 2)
         self.block = nn.Sequential(
-            nn.ELU(), nn.Conv1d(channels, hidden, 3, dilation=dilation, padding=dilation),
-            nn.ELU(), nn.Conv1d(hidden, channels, 1),
+            activation(kind, channels), nn.Conv1d(channels, hidden, 3, dilation=dilation, padding=dilation),
+            activation(kind, hidden), nn.Conv1d(hidden, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
 
 
-def _units(channels: int, count: int) -> list[nn.Module]:
-    return [ResidualUnit(channels, 3**i) for i in range(count)]
+def _units(channels: int, count: int, kind: str) -> list[nn.Module]:
+    return [ResidualUnit(channels, 3**i, kind) for i in range(count)]
 
 
 def _down(c_in: int, c_out: int, stride: int) -> nn.Conv1d:
@@ -73,11 +93,12 @@ class AudioEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         widths = stage_widths(config)
+        kind = config.activation
         layers: list[nn.Module] = [nn.Conv1d(config.in_channels, widths[0], 7, padding=3)]
         for i, stride in enumerate(config.audio_strides):
-            layers += _units(widths[i], config.res_blocks)
-            layers += [nn.ELU(), _down(widths[i], widths[i + 1], stride)]
-        layers += [nn.ELU(), nn.Conv1d(widths[-1], config.quantizer.dim, 3, padding=1)]
+            layers += _units(widths[i], config.res_blocks, kind)
+            layers += [activation(kind, widths[i]), _down(widths[i], widths[i + 1], stride)]
+        layers += [activation(kind, widths[-1]), nn.Conv1d(widths[-1], config.quantizer.dim, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,11 +111,12 @@ class AudioDecoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         widths = stage_widths(config)
+        kind = config.activation
         layers: list[nn.Module] = [nn.Conv1d(config.quantizer.dim, widths[-1], 7, padding=3)]
         for i in reversed(range(len(config.audio_strides))):
-            layers += [nn.ELU(), _up(widths[i + 1], widths[i], config.audio_strides[i])]
-            layers += _units(widths[i], config.res_blocks)
-        layers += [nn.ELU(), nn.Conv1d(widths[0], config.in_channels, 7, padding=3)]
+            layers += [activation(kind, widths[i + 1]), _up(widths[i + 1], widths[i], config.audio_strides[i])]
+            layers += _units(widths[i], config.res_blocks, kind)
+        layers += [activation(kind, widths[0]), nn.Conv1d(widths[0], config.in_channels, 7, padding=3)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

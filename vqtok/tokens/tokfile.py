@@ -10,6 +10,7 @@ All integers are little-endian; the CRC32 covers every byte before it. Two paylo
 - "entropy": a range coder (`rangecoder.py`) on static integer frequency tables (one per stage), either the model's code
   frequencies (the caller passes them to reader and writer) or per-file counts stored in the payload.
   Tables are normalised with integer arithmetic only, so a file decodes identically on every platform.
+  `vqtok encode --codec entropy` writes a file packed instead when that is no larger (`encode_with_fallback`).
 
 Reading never trusts a length: sizes are checked against the bytes actually present before anything is
 allocated, and every problem raises `TokenFileError` naming the file.
@@ -211,6 +212,29 @@ def encode_tokens(
         raise ValueError(f"payload of {len(payload)} bytes is too large for one token file")
     body = b"".join([MAGIC, bytes(VERSION), struct.pack("<I", len(head)), head, struct.pack("<I", len(payload)), payload])
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def encode_with_fallback(
+    codes: np.ndarray,
+    header: dict[str, Any],
+    *,
+    codebook_size: int,
+    codec: str = "packed",
+    table: np.ndarray | None = None,
+) -> bytes:
+    """The token file `vqtok encode --codec CODEC` writes for `codes`: `encode_tokens`, except that an
+    "entropy" file that would come out larger than the packed one is written packed instead.
+
+    Range coding spends more than ceil(log2 K) bits on a code its table makes rare, so a table that misfits a
+    file (a model's table on other data, per-file counts of a few codes, near-uniform codes plus the entropy
+    header fields) can cost more than packing. The choice is per file and the header records it, so readers
+    need nothing new. Arguments as for `encode_tokens`.
+    """
+    data = encode_tokens(codes, header, codebook_size=codebook_size, codec=codec, table=table)
+    if codec != "entropy":
+        return data
+    packed = encode_tokens(codes, header, codebook_size=codebook_size)
+    return packed if len(packed) <= len(data) else data
 
 
 def write_tokens(

@@ -1,12 +1,15 @@
 """Audio training: random fixed-length segments streamed from the files, the reconstruction loss, and
 validation on a fixed, seeded segment of each held-out file.
 
-The reconstruction loss is a squared error on the waveform plus a lightly weighted multi-resolution log-mel
-loss (L1 between log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled
-with the sample rate); the training loop adds the quantizer's own terms. The weighting is what a short CPU run can
-learn from: with an L1 waveform term the output collapses to silence (the median of an unpredictable sample
-is 0), and with the mel term at full weight the model matches spectra with incoherent phase (SI-SNR stays
-near -35 dB for hundreds of steps); squared error at the nets' scale plus a small mel term does both.
+Two reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
+- "waveform": a squared error on the waveform plus a lightly weighted multi-resolution log-mel loss (L1 between
+  log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled with the sample
+  rate). The weighting is what a short CPU run can learn from: with an L1 waveform term the output collapses
+  to silence (the median of an unpredictable sample is 0), and with the mel term at full weight the model
+  matches spectra with incoherent phase (SI-SNR stays near -35 dB for hundreds of steps).
+- "spectral": the multi-scale log-mel L1 of DAC (seven windows, 32 to 2048 samples at 16 kHz, 5 to 320 mel
+  bands) at DAC's weight, plus the waveform squared error at unit weight to anchor the phase. It trades
+  SI-SNR for what listeners and PESQ / STOI hear: spectral envelopes at every time scale.
 The constants below record what was measured.
 
 Validation runs up to VAL_SECONDS of each held-out file (a whole file when it is shorter) through the model,
@@ -41,6 +44,11 @@ MEL_WEIGHT = 0.002
 RECON_WEIGHT = 25.0
 # Added to mel magnitudes before the log: keeps the log's gradient bounded on near-silent output.
 MEL_FLOOR = 1e-2
+# The "spectral" loss: (window at 16 kHz, mel bands) per scale and the weight of their mean, as in DAC; the
+# floor is DAC's clamp, low enough that quiet passages count (speech sits ~40 dB above it).
+SPECTRAL_SCALES = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320))
+SPECTRAL_WEIGHT = 15.0
+SPECTRAL_FLOOR = 1e-5
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
 # Validation segments: up to this many seconds of each held-out file, from a seeded offset.
@@ -58,22 +66,32 @@ def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
     return sizes
 
 
-@functools.lru_cache(maxsize=16)
+def spectral_scales(sample_rate: int) -> list[tuple[int, int]]:
+    """(window, mel bands) per scale of the "spectral" loss: SPECTRAL_SCALES at 16 kHz, windows scaled with the
+    rate and rounded to powers of two; bands capped at window / 4 so no mel filter falls between FFT bins."""
+    scales = []
+    for window, bands in SPECTRAL_SCALES:
+        n_fft = 2 ** max(4, round(math.log2(window * sample_rate / 16000)))
+        scales.append((n_fft, min(bands, n_fft // 4)))
+    return scales
+
+
+@functools.lru_cache(maxsize=32)
 def _mel(sample_rate: int, n_fft: int, n_mels: int, device: torch.device) -> torchaudio.transforms.MelSpectrogram:
     return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=n_fft // 4,
                                                 n_mels=n_mels, power=1.0).to(device)
 
 
-def mel_loss(recon: torch.Tensor, target: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Mean over resolutions of mean |log10(mel(recon) + floor) - log10(mel(target) + floor)| on magnitude mel
+def log_mel_l1(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, scales: list[tuple[int, int]],
+               floor: float) -> torch.Tensor:
+    """Mean over scales of mean |log10(mel(recon) + floor) - log10(mel(target) + floor)| on magnitude mel
     spectrograms (Hann window, hop n_fft / 4): (B, 1, T) pairs -> scalar."""
     r, t = recon.flatten(1), target.flatten(1)
     total = recon.new_zeros(())
-    sizes = mel_sizes(sample_rate)
-    for n_fft, n_mels in sizes:
+    for n_fft, n_mels in scales:
         mel = _mel(sample_rate, n_fft, n_mels, recon.device)
-        total = total + (torch.log10(mel(r) + MEL_FLOOR) - torch.log10(mel(t) + MEL_FLOOR)).abs().mean()
-    return total / len(sizes)
+        total = total + (torch.log10(mel(r) + floor) - torch.log10(mel(t) + floor)).abs().mean()
+    return total / len(scales)
 
 
 def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> int:
@@ -97,6 +115,7 @@ class AudioTask:
         train_idx, val_idx = split_files(len(files), train_config.seed, train_config.val_fraction,
                                          train_config.max_val)
         self.sample_rate, self.hop = model_config.sample_rate, model_config.downsample
+        self.loss = train_config.audio_loss
         segment = segment_samples(train_config, self.sample_rate, self.hop)
         train_files = [files[i] for i in train_idx]
         self.train_data = AudioSegments(train_files, self.sample_rate, segment)
@@ -112,7 +131,11 @@ class AudioTask:
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         wave = F.mse_loss(recon * INPUT_GAIN, target * INPUT_GAIN)
-        return RECON_WEIGHT * (wave + MEL_WEIGHT * mel_loss(recon, target, self.sample_rate))
+        if self.loss == "spectral":
+            mel = log_mel_l1(recon, target, self.sample_rate, spectral_scales(self.sample_rate), SPECTRAL_FLOOR)
+            return wave + SPECTRAL_WEIGHT * mel
+        mel = log_mel_l1(recon, target, self.sample_rate, mel_sizes(self.sample_rate), MEL_FLOOR)
+        return RECON_WEIGHT * (wave + MEL_WEIGHT * mel)
 
     @staticmethod
     def batch_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

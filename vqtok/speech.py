@@ -1,0 +1,105 @@
+"""Speech quality at 16 kHz: PESQ wide-band (ITU-T P.862.2, package `pesq`) and STOI (Taal et al. 2011, package
+`pystoi`), both optional (`pip install vqtok[speech]`), the alignment of a decoded signal with its reference,
+and `score`, which puts any codec's output through both.
+
+Without a package its score is simply left out; `missing_packages` says which are absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from vqtok import stats
+
+# PESQ wide-band is defined at 16 kHz only; STOI resamples to 10 kHz by itself.
+SPEECH_RATE = 16000
+# A codec delays its output by a few milliseconds (lookahead, filters): +-50 ms covers that with room to spare.
+MAX_LAG_SECONDS = 0.05
+# The optional packages and the score each gives.
+PACKAGES = {"pesq": "PESQ", "pystoi": "STOI"}
+INSTALL_HINT = "pip install vqtok[speech]"
+
+
+def missing_packages() -> list[str]:
+    """The speech-quality packages (PACKAGES) that cannot be imported."""
+    return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def missing_note() -> str | None:
+    """One line saying which speech scores are left out and how to get them, or None when none is."""
+    missing = missing_packages()
+    if not missing:
+        return None
+    scores = " and ".join(PACKAGES[name] for name in missing)
+    return f"{scores} not measured ({', '.join(missing)} not installed): `{INSTALL_HINT}` adds them"
+
+
+def at_speech_rate(wave: torch.Tensor, rate: int) -> torch.Tensor:
+    """A mono wave (T,) or (1, T) at `rate` Hz -> float32 (T',) at SPEECH_RATE (torchaudio's windowed-sinc
+    resampler when the rates differ), on the CPU."""
+    wave = wave.detach().reshape(-1).float().cpu()
+    return wave if rate == SPEECH_RATE else AF.resample(wave, rate, SPEECH_RATE)
+
+
+def align(reference: torch.Tensor, degraded: torch.Tensor, rate: int,
+          max_lag_seconds: float = MAX_LAG_SECONDS) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Undo a codec's delay: (reference, degraded) (T,) and (T',) at `rate` -> both cut to their overlap once
+    `degraded` is shifted by the lag of largest cross-correlation within +-max_lag_seconds, and that lag in
+    samples (positive: `degraded` runs late, degraded[t + lag] matches reference[t])."""
+    ref, deg = reference.reshape(-1), degraded.reshape(-1)
+    limit = min(round(max_lag_seconds * rate), len(ref) - 1, len(deg) - 1)
+    lag = best_lag(ref, deg, limit) if limit > 0 else 0
+    ref, deg = (ref, deg[lag:]) if lag >= 0 else (ref[-lag:], deg)
+    length = min(len(ref), len(deg))
+    return ref[:length], deg[:length], lag
+
+
+def best_lag(reference: torch.Tensor, degraded: torch.Tensor, limit: int) -> int:
+    """The lag k in [-limit, limit] that maximises sum_t reference[t] * degraded[t + k], for (T,) and (T',).
+    Every lag's correlation comes from one FFT product, so a long file costs milliseconds."""
+    ref, deg = reference.double(), degraded.double()
+    n = 1 << (len(ref) + len(deg) - 1).bit_length()  # no circular wrap-around within the lags looked at
+    corr = torch.fft.irfft(torch.fft.rfft(ref, n).conj() * torch.fft.rfft(deg, n), n)  # corr[k mod n]
+    window = torch.cat([corr[n - limit:], corr[: limit + 1]])  # lags -limit .. limit
+    return int(torch.argmax(window)) - limit
+
+
+def speech_scores(reference: torch.Tensor, degraded: torch.Tensor) -> dict[str, float | None]:
+    """PESQ wide-band (MOS-LQO, 1.04-4.64) and STOI (0-1) of `degraded` against `reference`, both (T,) at
+    SPEECH_RATE and of one length: {"pesq_wb": ..., "stoi": ...}, each only when its package is installed.
+
+    "pesq_wb" is None when PESQ refuses the signal (no speech found, shorter than 1/4 s): the caller skips it.
+    """
+    ref = reference.reshape(-1).double().numpy()
+    deg = degraded.reshape(-1).double().numpy()
+    missing = missing_packages()
+    out: dict[str, float | None] = {}
+    if "pesq" not in missing:
+        import pesq
+
+        # pesq divides both signals by their peak: a silent pair gives 0/0 before it raises NoUtterancesError.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            try:
+                out["pesq_wb"] = float(pesq.pesq(SPEECH_RATE, ref, deg, "wb"))
+            except pesq.PesqError:
+                out["pesq_wb"] = None
+    if "pystoi" not in missing:
+        import pystoi
+
+        out["stoi"] = float(pystoi.stoi(ref, deg, SPEECH_RATE, extended=False))
+    return out
+
+
+def score(reference: torch.Tensor, decoded: torch.Tensor) -> dict[str, float | None]:
+    """How well `decoded` reproduces `reference`, both mono (T,) and (T',) at SPEECH_RATE, whatever codec made
+    it: its delay undone first (`align`), then `speech_scores` (pesq_wb, stoi) plus "si_snr_db"
+    (`stats.si_snr`) and the delay found, "delay_ms" (positive: decoded runs late)."""
+    ref, deg, lag = align(reference.float(), decoded.float(), SPEECH_RATE)
+    out = speech_scores(ref, deg)
+    out["si_snr_db"] = float(stats.si_snr(deg[None], ref[None])[0])
+    out["delay_ms"] = 1000.0 * lag / SPEECH_RATE
+    return out
