@@ -20,7 +20,11 @@ wide-band (MOS-LQO; a clip PESQ refuses is skipped and counted), STOI and SI-SNR
 tool (opusenc / opusdec, c2enc / c2dec) or package (pesq, pystoi) is reported in one line and its rows or
 columns are left out.
 
-Prints a table and writes, under --out, speech.json, speech.png (PESQ and STOI against kbps) and
+Generalisation: the same vqtok rows on --other (default samples/heldout/speech-24k: six FSDD speakers, a corpus
+and speakers the model never heard, stored at 24 kHz so vqtok resamples on load), beside the test-other rows
+with the PESQ difference.
+
+Prints the tables and writes, under --out, speech.json, speech.png (PESQ and STOI against kbps) and
 speech_spectrograms.png (the first clip: original, Opus at 6 kbps, vqtok at the stage count nearest that rate).
 """
 
@@ -55,6 +59,7 @@ from vqtok.jobs.pipeline import audio_header, code_table  # noqa: E402
 from vqtok.modelfile import load  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech" / "test-other"
+DEFAULT_OTHER = ROOT / "samples" / "heldout" / "speech-24k"
 RESULTS = ROOT / "benchmarks" / "results"
 RATE = speech.SPEECH_RATE
 OPUS_KBPS = (6, 8, 12)
@@ -85,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("model", type=Path, help="a vqtok audio model (model.safetensors)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of speech (default: LibriSpeech test-other)")
     p.add_argument("--clips", type=int, default=30, help="use the first N files, sorted by path (default 30)")
+    p.add_argument("--other", type=Path, default=DEFAULT_OTHER,
+                   help="speech of another corpus and rate for the generalisation rows (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the model (auto, cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for speech.json and the two PNGs")
     return p.parse_args()
@@ -249,6 +256,25 @@ def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str) -> dict | None:
+    """vqtok at every stage count on the files of `folder` (scored as the main rows), each row with
+    `pesq_drop`: its PESQ below the same stage count's on the main clips. Printed as a table; None (and one
+    line) when the folder is absent."""
+    if not folder.is_dir():
+        print(f"{folder} is absent: no generalisation rows", file=sys.stderr)
+        return None
+    clips = load_clips(folder, len(data.find_inputs([folder])[1]))
+    main = {r["stages"]: r for r in rows if r["codec"] == "vqtok"}
+    _, other, _ = vqtok_rows(model_path, clips, device)
+    for row in other:
+        if row.get("pesq_wb") is not None and main[row["stages"]].get("pesq_wb") is not None:
+            row["pesq_drop"] = main[row["stages"]]["pesq_wb"] - row["pesq_wb"]
+    rates = sorted({data.audio_info(clip.path)[0] for clip in clips})
+    print_table(other, f"{folder.name}: {len(clips)} files at {', '.join(map(str, rates))} Hz, scored at 16 kHz",
+                extra=[("PESQ below main", "pesq_drop", ".3f", "right")])
+    return {"data": str(folder), "clips": [clip.source for clip in clips], "rates": rates, "rows": other}
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -260,13 +286,14 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if row.get(key) is not None else "-"
 
 
-def print_table(rows: list[dict], title: str) -> None:
+def print_table(rows: list[dict], title: str, extra: list[tuple[str, str, str, str]] = ()) -> None:
     table = Table(title=title)
     columns = [("codec", "codec", "", "left"), ("setting", "setting", "", "left"),
                ("nominal kbps", "nominal_kbps", ".2f", "right"), ("kbps (file)", "kbps", ".2f", "right"),
                ("kbps (entropy)", "kbps_entropy", ".2f", "right"), ("PESQ-wb", "pesq_wb", ".3f", "right"),
                ("STOI", "stoi", ".3f", "right"), ("SI-SNR dB", "si_snr_db", ".2f", "right"),
-               ("delay ms", "delay_ms", ".2f", "right"), ("PESQ skipped", "pesq_skipped", "d", "right")]
+               ("delay ms", "delay_ms", ".2f", "right"), ("PESQ skipped", "pesq_skipped", "d", "right"),
+               *extra]
     for name, _, _, justify in columns:
         table.add_column(name, justify=justify)
     for row in rows:
@@ -297,11 +324,12 @@ def main() -> None:
     rows, firsts = rows + more, firsts + more_firsts
     title = f"{args.data.name}: {len(clips)} clips, {seconds:.0f} s, scored at 16 kHz"
     print_table(rows, title)
+    other = generalisation_rows(args.model, args.other, rows, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
               "packages": {name: _version(name) for name in speech.PACKAGES},
               "tools": {tool: shutil.which(tool) for tools, _ in TOOLS.values() for tool in tools}, "rows": rows,
-              "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}
+              "other": other, "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}
     written = ["speech.json", "speech_spectrograms.png"]
     if rate_charts(rows, args.out / "speech.png", title):
         written.append("speech.png")

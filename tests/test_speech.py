@@ -230,3 +230,7 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     assert (out / "speech_spectrograms.png").stat().st_size > 1000
     assert (out / "speech.png").exists() == (speech.missing_packages() != list(speech.PACKAGES))
     assert "PESQ-wb" in capsys.readouterr().out
+    other = result["other"]  # the shipped 24 kHz sample of another corpus, resampled by vqtok
+    assert other["rates"] == [24000] and [r["stages"] for r in other["rows"]] == [1, 2]
+    if "pesq" not in speech.missing_packages():
+        assert all(math.isfinite(r["pesq_drop"]) for r in other["rows"])
