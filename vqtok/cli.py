@@ -239,7 +239,7 @@ def _training_progress(steps: int) -> tuple[Progress, Any]:
 
 @app.command()
 def encode(
-    model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train`.")],
+    model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train`, or a shipped model's name (`vqtok models`).")],
     inputs: Annotated[list[Path], typer.Argument(help="Files or folders to encode (walked recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .vqt files; mirrors the input tree.")],
     force: Annotated[bool, typer.Option(help="Re-encode files whose token file already exists.")] = False,
@@ -269,7 +269,7 @@ def encode(
 
 @app.command()
 def decode(
-    model: Annotated[Path, typer.Argument(help="The model.safetensors the tokens were made with.")],
+    model: Annotated[Path, typer.Argument(help="The model.safetensors (or shipped model's name) the tokens were made with.")],
     tokens: Annotated[list[Path], typer.Argument(help=".vqt files or folders of them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the decoded PNG (images) or WAV (audio) files; mirrors the token tree.")],
     force: Annotated[bool, typer.Option(help="Overwrite outputs that already exist.")] = False,
@@ -316,19 +316,20 @@ def _finish_run(report: Any, verb: str, json_out: bool) -> None:
 
 @app.command()
 def inspect(
-    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model.safetensors with --data.")],
+    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model (a model.safetensors or a shipped model's name) with --data.")],
     data: Annotated[Optional[list[Path]], typer.Option(help="With a model: encode these files/folders and count codes.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="With token files: the model, needed to read files written with --codec entropy.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="With token files: the model (file or shipped name), needed to read files written with --codec entropy.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG here.")] = None,
     top: Annotated[int, typer.Option(help="How many of the most used codes to list.")] = 10,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Codebook usage, dead codes, perplexity and entropy (bits/token) of token files or of a model on data."""
+    from vqtok import zoo
     from vqtok.jobs import report as rep
 
     with _user_errors():
-        if source.suffix == ".safetensors":
+        if source.suffix == ".safetensors" or zoo.names_a_model(source):
             if not data:
                 raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
             result = rep.inspect_model(source, data, device=device)
@@ -371,7 +372,7 @@ def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A model.safetensors.")],
+    model: Annotated[Path, typer.Argument(help="A model.safetensors, or a shipped model's name (`vqtok models`).")],
     data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
     batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
     stages: Annotated[Optional[int], typer.Option(help="Score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
@@ -397,6 +398,41 @@ def evaluate(
         if plot:
             out.print(f"plot: {plot}")
     _exit_if_skipped(result.failed)
+
+
+@app.command(name="models")
+def list_models(json_out: JsonOpt = False) -> None:
+    """The shipped tokenizers, each usable by name as the MODEL of encode, decode, eval and inspect: what it is
+    for, the rate of its token files and its quality on held-out data per stage count (from its card,
+    models/NAME/README.md), and its size (--json adds the parameter count)."""
+    from vqtok import zoo
+
+    with _user_errors():
+        rows = zoo.listing()
+    if json_out:
+        _print_json(rows)
+    else:
+        _print_models_table(rows)
+
+
+def _print_models_table(rows: list[dict[str, Any]]) -> None:
+    from vqtok import zoo
+
+    table = Table(title=f"shipped models ({zoo.models_dir()})")
+    for name in ("name", "modality", "for", "stages", "file rate", "quality", "size"):
+        table.add_column(name, justify="right" if name in ("stages", "size") else "left")
+    for row in rows:
+        first = [row["name"], row["modality"], row["description"]]
+        size = f"{row['file_bytes'] / 1e6:.1f} MB"
+        for figures in row["figures"]:
+            packed, entropy = (zoo.show(k, figures[k]) for k in zoo.RATES[row["modality"]])
+            quality = ", ".join(zoo.phrase(k, figures[k]) for k in zoo.QUALITY[row["modality"]] if k in figures)
+            table.add_row(*first, str(figures["stages"]), f"{packed} / {entropy} {row['unit']}", quality, size)
+            first, size = ["", "", ""], ""  # a model's further stage counts go on lines of their own
+    out.print(table if rows else f"no shipped models in {zoo.models_dir()}")
+    if rows:
+        out.print("file rate: token files packed / entropy-coded, on each model's held-out data; "
+                  f"the cards: {zoo.models_dir()}/NAME/README.md")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqtok import __version__
+from vqtok import __version__, zoo
 from vqtok.atomic import atomic_path
 from vqtok.config import ModelConfig
 from vqtok.errors import VqtokError
@@ -53,7 +53,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
-    """Rebuild the `Tokenizer` stored in `path` (config from the metadata, then the weights), in eval mode."""
+    """Rebuild the `Tokenizer` stored in `path` (config from the metadata, then the weights), in eval mode.
+    `path` may also name a shipped model ("mnist"; see vqtok.zoo)."""
+    path = zoo.resolve(path)
     metadata = read_metadata(path)
     if CONFIG_KEY not in metadata:
         raise VqtokError(f"{path}: not a vqtok model (no {CONFIG_KEY} in its metadata)")
