@@ -21,6 +21,7 @@ def test_audio_defaults_apply_where_not_given() -> None:
     q = model.quantizer
     assert (q.codebook_size, q.stages, q.stage_dropout, q.affine, q.beta) == (1024, 8, 0.5, "learned", 1.5)
     assert (model.channels, train.batch_size, train.segment_seconds) == (64, 8, AUDIO["segment_seconds"])
+    assert train.audio_loss == "spectral" and training_configs("image")[1].audio_loss == "waveform"
 
 
 def test_net_and_loss_options_reach_the_configs() -> None:

@@ -1,5 +1,6 @@
-"""Training on two CPU processes with gloo, started by torchrun: the ranks stay bit-identical, the loss follows a
-one-process run at the same global batch, and a killed two-process run resumes to the same model."""
+"""Training on two CPU processes with gloo, started by torchrun: the ranks stay bit-identical (with an adversarial
+stage too), the loss follows a one-process run at the same global batch, and a killed two-process run resumes
+to the same model."""
 
 from __future__ import annotations
 
@@ -83,6 +84,23 @@ def test_loss_follows_one_process_at_the_same_global_batch(runs: Path) -> None:
         assert two[step] == pytest.approx(one[step], rel=LOSS_TOLERANCE), step
     # Training happened: the loss fell.
     assert two[STEPS] < 0.7 * two[first]
+
+
+def test_adversarial_ranks_end_bit_identical(sample_audio: Path, tmp_path: Path) -> None:
+    """The discriminator is averaged like the nets: 8 steps of audio, the adversarial stage on after 4."""
+    speech = tmp_path / "speech"
+    speech.mkdir()
+    for src in sorted(sample_audio.glob("*.wav"))[:16]:
+        shutil.copy(src, speech / src.name)
+    args = [str(WORKER), str(speech), str(tmp_path / "run"), str(tmp_path), "8", "4", "0", "4"]
+    subprocess.run(torchrun(*args), check=True, env=run_env(), cwd=tmp_path, capture_output=True, timeout=600)
+    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and any(k.startswith("disc.scales.") for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000008.safetensors"))
+    assert all(torch.equal(checkpoint[k], rank0[k]) for k in rank0 if k.startswith("disc."))
+    assert any(k.startswith("disc_optim.") for k in checkpoint)  # it was trained, not just built
 
 
 def _kill_processes_mentioning(text: str) -> int:

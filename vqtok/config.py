@@ -129,6 +129,10 @@ class TrainConfig:
     val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
     segment_seconds: random training crop length for audio. audio_loss: "waveform" (squared error plus a light
     log-mel term) or "spectral" (multi-scale log-mel L1 plus the squared error); see training/audiosets.py.
+    adversarial_from: audio only; 0 = off, else the number of plain steps after which every step also trains a
+    multi-scale STFT discriminator and adds adversarial_weight * its hinge loss + feature_weight * relative
+    feature matching to the generator's loss (see training/adversarial.py). The default weights are DAC's,
+    against the spectral loss's mel weight of 15.
     """
 
     steps: int = 3000
@@ -144,6 +148,9 @@ class TrainConfig:
     log_every: int = 25
     segment_seconds: float = 1.0
     audio_loss: Literal["waveform", "spectral"] = "waveform"
+    adversarial_from: int = 0
+    adversarial_weight: float = 1.0
+    feature_weight: float = 2.0
     device: str = "auto"
 
     def validate(self) -> None:
@@ -155,6 +162,9 @@ class TrainConfig:
         _check(self.segment_seconds > 0, "segment length must be > 0 s")
         _check(self.audio_loss in ("waveform", "spectral"),
                f"audio loss must be waveform or spectral, got {self.audio_loss!r}")
+        _check(0 <= self.adversarial_from < self.steps,
+               f"adversarial-from must be 0 (off) or a step below --steps {self.steps}, got {self.adversarial_from}")
+        _check(self.adversarial_weight >= 0 and self.feature_weight >= 0, "adversarial weights must be >= 0")
 
 
 def _check(ok: bool, message: str) -> None:

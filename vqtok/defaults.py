@@ -7,7 +7,9 @@ quarter-second segments (more steps in the same time: on FSDD, 3 minutes of trai
 with 0.25 s, -7.5 dB with 0.5 s and -9.1 dB with 1 s segments), and 8 residual stages of 1024 codes (4 kbps at
 16 kHz, 50 frames/s) trained with stage dropout so the first 1, 2, 4... stages decode on their own at lower
 bitrates. The audio figures in benchmarks/README.md were measured with the loss-trained, affine +
-synchronized-commitment codebooks below.
+synchronized-commitment codebooks below. The reconstruction loss is the multi-scale log-mel "spectral" one: on
+LibriSpeech, 1,400 steps of 8 x 0.5 s segments reached STOI 0.616 / PESQ 1.041 on test-other against 0.537 /
+1.018 with the "waveform" loss (10 clips, 8 stages).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 AUDIO: dict[str, Any] = {
     "batch_size": 8, "channels": 64, "res_blocks": 1, "codebook_size": 1024, "stages": 8, "stage_dropout": 0.5,
     "segment_seconds": 0.25, "codebook_update": "loss", "beta": 0.25, "affine": "learned", "sync_nu": 0.2,
-    "dead_code_steps": 100,
+    "dead_code_steps": 100, "audio_loss": "spectral",
 }
 
 # Option name -> (config it belongs to, field name there).
@@ -33,7 +35,8 @@ _MODEL = {"channels": "channels", "downsample": "downsample", "res_blocks": "res
           "res_channels": "res_channels", "audio_strides": "audio_strides", "activation": "activation"}
 _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed",
           "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
-          "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "device": "device"}
+          "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
+          "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight", "device": "device"}
 
 
 def training_configs(modality: str, **options: Any) -> tuple[ModelConfig, TrainConfig]:

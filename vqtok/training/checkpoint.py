@@ -1,7 +1,10 @@
-"""Checkpoints of a training run: model, optimizer and RNG state in one safetensors file, written atomically.
+"""Checkpoints of a training run: the trained modules, their optimizers and the RNG state in one safetensors
+file, written atomically.
 
 The data a step sees is a function of the seed and the step number (vqtok.data.streams.BatchPlan), so the
-step, the model, the optimizer and the global torch RNG are all a resumed run needs to continue exactly.
+step, the modules, their optimizers and the global torch RNG are all a resumed run needs to continue exactly.
+Each part is stored under its name: the tokenizer as "model.*" with its optimizer as "optim.*", and, in a run
+with an adversarial stage, the discriminator as "disc.*" with "disc_optim.*".
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vqtok.atomic import atomic_path, write_bytes_atomic
 from vqtok.errors import VqtokError
-from vqtok.nets.tokenizer import Tokenizer
 
 KEEP_CHECKPOINTS = 3
 
@@ -25,21 +28,27 @@ def checkpoint_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def save_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Model, optimizer and RNG state as tensors; scalars and param-group settings as JSON metadata. Keeps the
-    newest KEEP_CHECKPOINTS files."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    scalars: dict[str, Any] = {}
-    for pid, state in opt_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
+def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Each module's state dict and each optimizer's state as tensors under "<name>.", the optimizers'
+    scalars and param-group settings as JSON metadata, and the torch RNG. Keeps the newest KEEP_CHECKPOINTS
+    files."""
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
+               for name, module in modules.items() for k, v in module.state_dict().items()}
+    metadata = {"step": str(step)}
+    for name, optimizer in optimizers.items():
+        opt_state = optimizer.state_dict()
+        scalars: dict[str, Any] = {}
+        for pid, state in opt_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}.{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{key}"] = value
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+                  for g in opt_state["param_groups"]]
+        metadata |= {f"{name}.groups": json.dumps(groups), f"{name}.scalars": json.dumps(scalars)}
     tensors["rng.torch"] = torch.get_rng_state()
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt_state["param_groups"]]
-    metadata = {"step": str(step), "optim.groups": json.dumps(groups), "optim.scalars": json.dumps(scalars)}
     folder = checkpoint_dir(out)
     with atomic_path(folder / f"step_{step:07d}.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -47,8 +56,9 @@ def save_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimize
         old.unlink(missing_ok=True)
 
 
-def load_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the newest checkpoint in `out` into `model`, `optimizer` and the torch RNG; returns its step."""
+def load_checkpoint(out: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> int:
+    """Restore the newest checkpoint in `out` into `modules`, `optimizers` (named as they were saved) and the
+    torch RNG; returns its step."""
     found = sorted(checkpoint_dir(out).glob("step_*.safetensors"))
     if not found:
         raise VqtokError(f"{out}: no checkpoint to resume from in {checkpoint_dir(out)}")
@@ -56,16 +66,18 @@ def load_checkpoint(out: Path, model: Tokenizer, optimizer: torch.optim.Optimize
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in json.loads(metadata["optim.scalars"]).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optim.groups"])})
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    for name, optimizer in optimizers.items():
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith(name + "."):
+                pid, field = key[len(name) + 1:].split(".", 1)
+                state.setdefault(int(pid), {})[field] = value
+        for key, value in json.loads(metadata[f"{name}.scalars"]).items():
+            pid, field = key.split(".", 1)
+            state.setdefault(int(pid), {})[field] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata[f"{name}.groups"])})
     torch.set_rng_state(tensors["rng.torch"])
     return int(metadata["step"])
 

@@ -7,12 +7,15 @@ torchrun (no WORLD_SIZE, or 1) everything here is a no-op, so one code path serv
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vqtok.device import pick_device
 
@@ -52,6 +55,18 @@ class Processes:
         dist.all_gather_object(parts, items)
         return [x for part in parts for x in part]
 
+    def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """`module` in DistributedDataParallel (its gradients averaged over the processes in backward) when
+        there are several processes, else `module` itself.
+
+        Buffers are not synchronised: every module trained here keeps its own buffers identical on every rank
+        (the quantizer by its upkeep, see vqtok.quantize.upkeep; the discriminator's are constant windows), so
+        DDP must not overwrite them with rank 0's.
+        """
+        if self.world == 1:
+            return module
+        return DistributedDataParallel(module, find_unused_parameters=find_unused_parameters, **_NO_BUFFER_SYNC)
+
     def _wire(self) -> torch.device:
         # nccl moves only CUDA tensors; gloo takes CPU ones.
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -59,6 +74,12 @@ class Processes:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers; older releases know only the first.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def start(device_name: str) -> Processes:

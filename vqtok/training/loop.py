@@ -12,13 +12,15 @@ Under torchrun every process trains on its block of each global batch (`--batch-
 a run's result does not depend on how many processes share it); the nets are wrapped in
 DistributedDataParallel and the quantizer keeps its own state identical on every rank (see
 vqtok.quantize.upkeep). Only rank 0 writes to the run directory.
+
+An audio run with `adversarial_from` set trains a discriminator alongside from that step on
+(vqtok.training.adversarial); it lives in the checkpoints but not in the final model file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 from torch.utils.data import DataLoader
 
 from vqtok import __version__
@@ -40,6 +42,7 @@ from vqtok.errors import VqtokError
 from vqtok.modelfile import save_model
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.training import distributed
+from vqtok.training.adversarial import Adversary
 from vqtok.training.audiosets import AudioTask, default_sample_rate
 from vqtok.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from vqtok.training.distributed import Processes
@@ -51,7 +54,8 @@ Task = ImageTask | AudioTask
 @dataclass
 class TrainResult:
     """What a finished (or resumed-and-finished) run produced. `final` (validation figures) is filled on rank 0
-    only; `model` is this process's trained model."""
+    only; `model` is this process's trained model, `discriminator` its discriminator in a run with an
+    adversarial stage (a training-only part: the model file does not hold it)."""
 
     run_dir: Path
     model_path: Path
@@ -64,6 +68,7 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)
     rank: int = 0
     model: Tokenizer | None = field(default=None, repr=False)
+    discriminator: nn.Module | None = field(default=None, repr=False)
 
 
 # A callback that receives (step, total_steps, metrics) after each logged step; the CLI draws a progress bar.
@@ -122,9 +127,16 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     modality, paths = data.find_inputs(list(inputs))
     model_config, train_config = _run_configs(out, paths, modality, model_config, train_config, size,
                                               sample_rate, resume)
+    if train_config.adversarial_from and modality != "audio":
+        raise VqtokError("--adversarial-from is for audio models only (its discriminator reads spectrograms); "
+                         "these files are images")
     status(f"found {len(paths)} {modality} files")
     task: Task = ImageTask(paths, model_config, train_config) if modality == "image" else \
         AudioTask(paths, model_config, train_config)
+    # Made apart from the global RNG (so the model's initialisation does not depend on it), and before the run
+    # directory is written, since it checks the segment length.
+    adversary = Adversary(model_config.sample_rate, task.train_data.length, train_config, procs) \
+        if train_config.adversarial_from else None
     procs.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if procs.main and not resume:
         _write_run_info(out, inputs, paths, task, model_config, train_config)
@@ -133,10 +145,10 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     model = Tokenizer(model_config).to(procs.device)
     optimizer = torch.optim.AdamW(model_param_groups(model, train_config.lr), lr=train_config.lr,
                                   weight_decay=train_config.weight_decay)
-    start = load_checkpoint(out, model, optimizer) if resume else 0
+    start = load_checkpoint(out, *_checkpointed(model, optimizer, adversary)) if resume else 0
     if resume:
         status(f"resuming from step {start}")
-    run = _Run(procs, task, model, optimizer, train_config, out, workers, on_progress)
+    run = _Run(procs, task, model, optimizer, adversary, train_config, out, workers, on_progress)
     begin = time.perf_counter()
     run.steps(start)
     seconds = time.perf_counter() - begin
@@ -150,7 +162,7 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     ran = train_config.steps - start
     return TrainResult(out, out / "model.safetensors", train_config.steps, seconds,
                        ran / seconds if seconds > 0 else 0.0, len(task.train_data), len(task.val_data),
-                       skipped, final, procs.rank, model)
+                       skipped, final, procs.rank, model, adversary.disc if adversary else None)
 
 
 def _run_configs(out: Path, paths: list[Path], modality: str, model_config: ModelConfig,
@@ -193,20 +205,29 @@ def _write_run_info(out: Path, inputs: Sequence[Path], paths: list[Path], task: 
     write_bytes_atomic(out / "run.json", (json.dumps(info, indent=2) + "\n").encode())
 
 
+def _checkpointed(model: Tokenizer, optimizer: torch.optim.Optimizer, adversary: Adversary | None
+                  ) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+    """The modules and optimizers a checkpoint holds, by the names they are stored under."""
+    if adversary is None:
+        return {"model": model}, {"optim": optimizer}
+    return {"model": model, "disc": adversary.disc}, {"optim": optimizer, "disc_optim": adversary.optimizer}
+
+
 class _Run:
-    """The state of the steps of one run on one process: model (wrapped for DDP), optimizer, data, logs."""
+    """The state of the steps of one run on one process: model (wrapped for DDP), optimizer, the adversarial
+    stage if any, data, logs."""
 
     def __init__(self, procs: Processes, task: Task, model: Tokenizer, optimizer: torch.optim.Optimizer,
-                 config: TrainConfig, out: Path, workers: int, on_progress: ProgressFn | None):
+                 adversary: Adversary | None, config: TrainConfig, out: Path, workers: int,
+                 on_progress: ProgressFn | None):
         self.procs, self.task, self.model, self.optimizer = procs, task, model, optimizer
+        self.adversary = adversary
         self.config, self.out, self.workers, self.on_progress = config, out, workers, on_progress
         self.skipped: set[tuple[str, str]] = set(task.skipped)
-        # The quantizer keeps its buffers identical on every rank itself, so DDP must not overwrite them with
-        # rank 0's. Stage dropout and the alternating inner step leave parameters out of some steps' graphs.
+        # Stage dropout and the alternating inner step leave parameters out of some steps' graphs.
         q = model.config.quantizer
         unused = q.alternate or (q.stages > 1 and q.stage_dropout > 0)
-        self.net = model if procs.world == 1 else DistributedDataParallel(
-            model, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
+        self.net = procs.wrap(model, find_unused_parameters=unused)
 
     def _loader(self, dataset: Any, batches: Iterable[list[Any]], workers: int) -> DataLoader:
         # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
@@ -243,10 +264,15 @@ class _Run:
         out = self.net(x)
         recon = self.task.reconstruction_loss(out.recon, x)
         loss = recon + sum(out.losses.values())
+        adversarial: dict[str, torch.Tensor] = {}
+        if self.adversary is not None and step >= self.config.adversarial_from:  # plain steps never run it
+            extra, adversarial = self.adversary.step(x, out.recon)
+            loss = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        losses = {"loss": loss.detach(), "recon": recon.detach(), **{k: v.detach() for k, v in out.losses.items()}}
+        losses = {"loss": loss.detach(), "recon": recon.detach(), **{k: v.detach() for k, v in out.losses.items()},
+                  **adversarial}
         return _StepOutcome(lr, losses, out.recon.detach(), x)
 
     def _log(self, log: Any, done: int, step_out: _StepOutcome) -> None:
@@ -274,7 +300,7 @@ class _Run:
             return
         log.write(json.dumps({"split": "val", "step": done, **self.validate()}) + "\n")
         log.flush()
-        save_checkpoint(self.out, self.model, self.optimizer, done)
+        save_checkpoint(self.out, done, *_checkpointed(self.model, self.optimizer, self.adversary))
         self.model.eval()
         self.task.preview(self.model, self.out / "previews" / f"step_{done:07d}.png", self.procs.device)
         self.model.train()
@@ -297,12 +323,6 @@ class _Run:
         for batch in loader:
             self.skipped.update(batch.skipped)
             yield self.task.prepare(batch.inputs)
-
-
-# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers; older releases know only the first.
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
 
 
 class _StepOutcome(NamedTuple):
