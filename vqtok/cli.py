@@ -11,7 +11,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Table
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.defaults import AUDIO
 from vqtok.errors import VqtokError
+
+if TYPE_CHECKING:  # the commands import torch-backed modules only when they run
+    from vqtok.training.loop import TrainResult
 
 app = typer.Typer(
     help="Train VQ-VAE tokenizers on folders of images or audio, turn files into token files and back, "
@@ -36,6 +39,8 @@ _state = {"verbose": False}
 _Q = QuantizerConfig()
 _M = ModelConfig()
 _T = TrainConfig()
+
+
 class Estimator(str, Enum):
     ste = "ste"
     rotation = "rotation"
@@ -192,8 +197,7 @@ def train(
             audio_loss=audio_loss.value if audio_loss else None, adversarial_from=adversarial_from,
             adversarial_weight=adversarial_weight, feature_weight=feature_weight, activation=activation.value,
             channels=channels, res_blocks=res_blocks, res_channels=res_channels, code_dim=code_dim,
-            codebook_size=codebook_size,
-            stages=stages, stage_dropout=stage_dropout, estimator=estimator.value,
+            codebook_size=codebook_size, stages=stages, stage_dropout=stage_dropout, estimator=estimator.value,
             codebook_update=codebook_update.value if codebook_update else None, codebook_weight=codebook_weight,
             beta=beta, ema_decay=ema_decay, affine=affine.value if affine else None, affine_groups=affine_groups,
             affine_lr_mult=affine_lr_mult, sync_nu=sync_nu, alternate=alternate, alternate_lr=alternate_lr,
@@ -207,8 +211,13 @@ def train(
                                   on_status=lambda msg: err.log(msg))
     finally:
         progress.stop()
-    if result.rank != 0:  # under torchrun, rank 0 speaks for the run
-        return
+    if result.rank == 0:  # under torchrun, rank 0 speaks for the run
+        _report_training(result, json_out)
+
+
+def _report_training(result: TrainResult, json_out: bool) -> None:
+    """The end of `vqtok train`: skipped files, the final validation figures (a table or --json), the model's
+    path and speed; exit 1 when files were skipped."""
     _report_failures(result.skipped)
     if json_out:
         _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,
