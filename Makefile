@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vqtok-installed
 DEMO := demo-out
 # The shipped model `make demo` tokenizes with (`vqtok models` lists them); its sample is samples/heldout/NAME.
-DEMO_MODEL := cifar10
+DEMO_MODEL := photos
 
 .PHONY: install demo models test bench clean
 
