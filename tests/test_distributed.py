@@ -33,6 +33,14 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
+def run(command: list[str], cwd: Path) -> None:
+    """Run a worker command; a failure shows the end of its output, where the workers' tracebacks are."""
+    done = subprocess.run(command, env=run_env(), cwd=cwd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited with {done.returncode}:\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+
+
 def run_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(WORKER.parent)])}
@@ -53,9 +61,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, images: Path) -> Path:
     (root / "two").mkdir()
     (root / "one").mkdir()
     args = [str(WORKER), str(images), str(root / "two" / "run"), str(root / "two"), str(STEPS), str(BATCH), "1"]
-    subprocess.run(torchrun(*args), check=True, env=run_env(), cwd=root, capture_output=True, timeout=600)
+    run(torchrun(*args), root)
     args = [str(WORKER), str(images), str(root / "one" / "run"), str(root / "one"), str(STEPS), str(BATCH), "0"]
-    subprocess.run([sys.executable, *args], check=True, env=run_env(), cwd=root, capture_output=True, timeout=600)
+    run([sys.executable, *args], root)
     return root
 
 
@@ -93,7 +101,7 @@ def test_adversarial_ranks_end_bit_identical(sample_audio: Path, tmp_path: Path)
     for src in sorted(sample_audio.glob("*.wav"))[:16]:
         shutil.copy(src, speech / src.name)
     args = [str(WORKER), str(speech), str(tmp_path / "run"), str(tmp_path), "8", "4", "0", "4"]
-    subprocess.run(torchrun(*args), check=True, env=run_env(), cwd=tmp_path, capture_output=True, timeout=600)
+    run(torchrun(*args), tmp_path)
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys() and any(k.startswith("disc.scales.") for k in rank0)
     for key in rank0:
