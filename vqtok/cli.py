@@ -375,7 +375,7 @@ def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
     out.print(table)
     top_codes = result.stages[0].top[:top]
     if top_codes:
-        out.print("most used codes (stage 0): " + ", ".join(f"{c} ({100 * share:.1f}%)" for c, _n, share in top_codes))
+        out.print("most used codes (stage 1): " + ", ".join(f"{c} ({100 * share:.1f}%)" for c, _n, share in top_codes))
     if result.file_bytes:
         out.print(f"token files: {8 * result.file_bytes / max(result.tokens, 1):.2f} bits/token on disk "
                   f"({bits} bits/code packed + headers)")
