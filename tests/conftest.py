@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def sample_images() -> Path:
 def sample_audio() -> Path:
     """Folder of 40 FSDD WAVs (8 kHz, 16-bit mono)."""
     return SAMPLES / "audio"
+
+
+@pytest.fixture(scope="session")
+def fsdd16(tmp_path_factory: pytest.TempPathFactory, sample_audio: Path) -> Path:
+    """A folder of the first 16 sample WAVs (sorted): a small speech set the training tests read, never write."""
+    folder = tmp_path_factory.mktemp("fsdd16")
+    for src in sorted(sample_audio.glob("*.wav"))[:16]:
+        shutil.copy(src, folder / src.name)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -46,19 +46,11 @@ def train_config(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def speech(tmp_path_factory: pytest.TempPathFactory, sample_audio: Path) -> Path:
-    folder = tmp_path_factory.mktemp("fsdd")
-    for src in sorted(sample_audio.glob("*.wav"))[:16]:
-        shutil.copy(src, folder / src.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, speech: Path) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory, fsdd16: Path) -> Path:
     """A 12-step run at 16 kHz (the 8 kHz files resampled) with the adversarial stage on after 6 steps and
     checkpoints every 4, so the step-8 checkpoint holds a discriminator two updates old."""
     out = tmp_path_factory.mktemp("adversarial") / "run"
-    train([speech], out, audio_config(), train_config(), sample_rate=RATE)
+    train([fsdd16], out, audio_config(), train_config(), sample_rate=RATE)
     return out
 
 
@@ -137,13 +129,13 @@ def test_model_file_has_no_discriminator(run: Path) -> None:
     assert any(k.startswith("disc_optim.") and k.endswith("exp_avg") for k in checkpoint)
 
 
-def test_resume_after_the_switch_is_exact(run: Path, tmp_path: Path, speech: Path) -> None:
+def test_resume_after_the_switch_is_exact(run: Path, tmp_path: Path, fsdd16: Path) -> None:
     # A run killed after its step-8 checkpoint (two discriminator updates in): newer files never existed.
     interrupted = tmp_path / "interrupted"
     shutil.copytree(run, interrupted)
     (interrupted / "checkpoints" / "step_0000012.safetensors").unlink()
     (interrupted / "model.safetensors").unlink()
-    result = train([speech], interrupted, audio_config(), train_config(), sample_rate=RATE, resume=True)
+    result = train([fsdd16], interrupted, audio_config(), train_config(), sample_rate=RATE, resume=True)
     a, b = load_file(str(run / "model.safetensors")), load_file(str(result.model_path))
     assert a.keys() == b.keys()
     for key in a:
@@ -156,10 +148,10 @@ def test_resume_after_the_switch_is_exact(run: Path, tmp_path: Path, speech: Pat
     assert [m["step"] for m in lines if m["split"] == "train"] == [3, 6, 9, 12]
 
 
-def test_warm_up_is_a_plain_run(run: Path, speech: Path, tmp_path: Path) -> None:
+def test_warm_up_is_a_plain_run(run: Path, fsdd16: Path, tmp_path: Path) -> None:
     """Up to the switch the run is the one without the stage, step for step."""
     plain = tmp_path / "plain"
-    train([speech], plain, audio_config(), train_config(adversarial_from=0), sample_rate=RATE)
+    train([fsdd16], plain, audio_config(), train_config(adversarial_from=0), sample_rate=RATE)
     def logged(folder: Path) -> dict[int, dict[str, float]]:
         lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         return {m["step"]: m for m in lines if m["split"] == "train" and m["step"] <= SWITCH}

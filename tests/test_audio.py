@@ -41,15 +41,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, sample_audio: Path) -> Path:
+def trained(tmp_path_factory: pytest.TempPathFactory, fsdd16: Path) -> Path:
     """A tiny 16 kHz model trained briefly on 16 FSDD files (8 kHz, resampled on load); returns its run folder."""
-    folder = tmp_path_factory.mktemp("fsdd")
-    for src in sorted(sample_audio.glob("*.wav"))[:16]:
-        shutil.copy(src, folder / src.name)
     run = tmp_path_factory.mktemp("audio") / "run"
     tc = TrainConfig(steps=12, batch_size=4, warmup=2, checkpoint_every=6, log_every=3, device="cpu",
                      segment_seconds=0.4)
-    train([folder], run, audio_config(), tc, sample_rate=RATE)
+    train([fsdd16], run, audio_config(), tc, sample_rate=RATE)
     return run
 
 
