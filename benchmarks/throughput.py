@@ -9,6 +9,10 @@ model (`ModelConfig()`, untrained: the forward cost does not depend on the weigh
   forms (`encode_batch`, CPU_BATCH_IMAGES / CPU_BATCH_PIXELS);
 - bound B = cores / (decode + forward core-seconds per image): what encode would reach if every core did
   nothing but decode files and run the model;
+- write: core-seconds to create one token file of the run's mean size (`write_bytes_atomic` into a mirrored
+  folder tree, one thread): the file system's own cost per output file, which B leaves out. The .vqt rows
+  also give their ratio to B_w = cores / (decode + forward + write), what an encode that writes one file per
+  image could reach;
 - encode: `encode_files` (the work of `vqtok encode`) end to end, files on disk -> .vqt files and -> one
   --shard, with 0, 1 and 2 decoding workers: images/s (files / the run's own seconds: model load, file walk
   and writing included), its ratio to B, and the CPU time it took per image (this process and its workers),
@@ -30,6 +34,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -84,6 +89,23 @@ def forward_seconds(model: Tokenizer, paths: list[Path], repeats: int) -> float:
     return best_seconds(lambda: [encode_batch(model, b, None, r) for b, r in zip(batches, rows)], repeats) / len(paths)
 
 
+def write_seconds(names: list[Path], size: int, tmp: Path, repeats: int) -> float:
+    """Core-seconds per file to write a `size`-byte token file atomically for each of `names` (relative paths),
+    into a fresh folder each repeat (one thread)."""
+    payload = bytes(size)
+    rounds = itertools.count()
+
+    def write_all() -> None:
+        out = tmp / f"writes-{next(rounds)}"
+        for name in names:
+            write_bytes_atomic(out / f"{name}.vqt", payload)
+
+    seconds = best_seconds(write_all, repeats) / len(names)
+    for leftover in tmp.glob("writes-*"):
+        shutil.rmtree(leftover)
+    return seconds
+
+
 def vqtok(*args: object) -> dict[str, Any]:
     """Run `python -m vqtok ARGS --json` in a fresh process; its JSON report."""
     cmd = [sys.executable, "-m", "vqtok", *map(str, args), "--json"]
@@ -110,7 +132,8 @@ def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[s
             if report.failed:
                 raise SystemExit(f"encode of {folder} skipped files: {report.failed[:3]}")
             runs[kind][workers] = {"images_per_second": files / report.seconds,
-                                   "cpu_ms_per_image": 1e3 * (cpu_seconds() - start) / files}
+                                   "cpu_ms_per_image": 1e3 * (cpu_seconds() - start) / files,
+                                   "bytes_per_image": report.bytes / files}
             shutil.rmtree(out)
     return runs
 
@@ -152,33 +175,43 @@ def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tu
     bound = cores / (decode_s + forward_s)
     print(f"{name}: {len(paths)} files ({size_bytes / 2**20:.1f} MiB), decode {1e3 * decode_s:.3f} ms, "
           f"forward {1e3 * forward_s:.3f} ms per image, bound {bound:.1f} images/s on {cores} cores", file=sys.stderr)
+    encode = encode_runs(model_path, folder, len(paths), tmp)
+    vqt_bytes = round(np.mean([run["bytes_per_image"] for run in encode["vqt"].values()]))
+    write_s = write_seconds([p.relative_to(folder) for p in paths], vqt_bytes, tmp, repeats)
     steps, batch_size, crop = train
     return {"files": len(paths), "megabytes": size_bytes / 2**20, "cores": cores,
             "decode_images_per_second": 1 / decode_s, "forward_images_per_second": 1 / forward_s,
             "decode_ms": 1e3 * decode_s, "forward_ms": 1e3 * forward_s, "bound_images_per_second": bound,
-            "encode": encode_runs(model_path, folder, len(paths), tmp),
+            "write_ms": 1e3 * write_s, "vqt_bytes": vqt_bytes,
+            "bound_with_writes_images_per_second": cores / (decode_s + forward_s + write_s), "encode": encode,
             "train": {"steps": steps, "batch_size": batch_size, "crop": crop,
                       "images_per_second": train_rates(folder, tmp, *train) if steps else {}}}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| data | measure | workers | images/s | / B | CPU ms per image | decode + forward / CPU |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| data | measure | workers | images/s | / B | / B_w | CPU ms per image | decode + forward / CPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         bound, work = r["bound_images_per_second"], r["decode_ms"] + r["forward_ms"]
-        lines += [f"| {name} | decode only (1 thread) | - | {r['decode_images_per_second']:.1f} | | "
+        bound_w = r["bound_with_writes_images_per_second"]
+        lines += [f"| {name} | decode only (1 thread) | - | {r['decode_images_per_second']:.1f} | | | "
                   f"{r['decode_ms']:.3f} | |",
-                  f"| {name} | forward only (1 thread) | - | {r['forward_images_per_second']:.1f} | | "
+                  f"| {name} | forward only (1 thread) | - | {r['forward_images_per_second']:.1f} | | | "
                   f"{r['forward_ms']:.3f} | |",
-                  f"| {name} | **bound B** ({r['cores']} cores) | - | {bound:.1f} | 1.00 | {work:.3f} | 1.00 |"]
+                  f"| {name} | write {r['vqt_bytes']}-byte token files only (1 thread) | - | "
+                  f"{1e3 / r['write_ms']:.1f} | | | {r['write_ms']:.3f} | |",
+                  f"| {name} | **bound B** ({r['cores']} cores) | - | {bound:.1f} | 1.00 | | {work:.3f} | 1.00 |",
+                  f"| {name} | **bound B_w** (B with file writes) | - | {bound_w:.1f} | {bound_w / bound:.2f} | 1.00 | "
+                  f"{work + r['write_ms']:.3f} | |"]
         for kind, label in (("vqt", "encode -> .vqt files"), ("shard", "encode -> --shard")):
             for workers, run in r["encode"][kind].items():
                 rate, cpu = run["images_per_second"], run["cpu_ms_per_image"]
-                lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound:.2f} | {cpu:.3f} | "
-                             f"{work / cpu:.2f} |")
+                versus_w = f"{rate / bound_w:.2f}" if kind == "vqt" else ""
+                lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound:.2f} | {versus_w} | "
+                             f"{cpu:.3f} | {work / cpu:.2f} |")
         for workers, rate in r["train"]["images_per_second"].items():
             lines.append(f"| {name} | train (batch {r['train']['batch_size']}, {r['train']['crop']} px crops) "
-                         f"| {workers} | {rate:.1f} | | | |")
+                         f"| {workers} | {rate:.1f} | | | | |")
     return "\n".join(lines)
 
 
