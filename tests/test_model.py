@@ -18,8 +18,11 @@ def small_config(downsample: int = 4, size: int = 32, stages: int = 1) -> ModelC
 
 
 @pytest.mark.parametrize("downsample", [4, 8, 16])
-def test_grid_is_input_over_downsample(downsample: int) -> None:
-    model = Tokenizer(small_config(downsample)).eval()
+@pytest.mark.parametrize("scale_blocks", [0, 2])
+def test_grid_is_input_over_downsample(downsample: int, scale_blocks: int) -> None:
+    config = small_config(downsample)
+    config.scale_blocks = scale_blocks
+    model = Tokenizer(config).eval()
     x = torch.rand(2, 3, 32, 48)
     out = model(x)
     assert out.recon.shape == x.shape
@@ -81,7 +84,19 @@ def test_config_json_round_trip_ignores_unknown_keys() -> None:
     assert ModelConfig.from_json(text) == config
 
 
-@pytest.mark.parametrize("bad", [dict(downsample=3), dict(image_size=30), dict(channels=2)])
+def test_scale_blocks_sit_at_each_resolution_between_pixels_and_codes() -> None:
+    plain, deeper = small_config(downsample=8), small_config(downsample=8)
+    deeper.scale_blocks = 2
+    count = lambda net: sum(1 for m in net.modules() if m.__class__.__name__ == "ResBlock")  # noqa: E731
+    model, base = Tokenizer(deeper), Tokenizer(plain)
+    # downsample 8: two resolutions between the pixels and the code grid, two blocks at each, on each side.
+    assert count(model.encoder) - count(base.encoder) == 4 and count(model.decoder) - count(base.decoder) == 4
+    assert ModelConfig.from_json(deeper.to_json()) == deeper
+    with pytest.raises(VqtokError, match="image models only"):
+        ModelConfig(modality="audio", in_channels=1, scale_blocks=1).validate()
+
+
+@pytest.mark.parametrize("bad", [dict(downsample=3), dict(image_size=30), dict(channels=2), dict(scale_blocks=-1)])
 def test_config_validation(bad: dict) -> None:
     config = small_config()
     for key, value in bad.items():

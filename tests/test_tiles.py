@@ -68,10 +68,10 @@ def linear_copy(config: ModelConfig) -> Tokenizer:
     return model
 
 
-@pytest.mark.parametrize("downsample", [4, 8, 16])
-def test_contexts_are_the_exact_receptive_fields(downsample: int) -> None:
+@pytest.mark.parametrize("downsample,scale_blocks", [(4, 0), (8, 0), (16, 0), (8, 1)])
+def test_contexts_are_the_exact_receptive_fields(downsample: int, scale_blocks: int) -> None:
     torch.manual_seed(0)
-    model = linear_copy(ModelConfig(downsample=downsample, channels=16, res_channels=8))
+    model = linear_copy(ModelConfig(downsample=downsample, channels=16, res_channels=8, scale_blocks=scale_blocks))
     hop, cells, mid = downsample, 13, 6
     x = torch.rand(1, 3, cells * hop, cells * hop, dtype=torch.float64, requires_grad=True)
     model.encoder(x)[0, :, mid, mid].sum().backward()

@@ -78,6 +78,9 @@ class ModelConfig:
     modality: "image" (2-D convolutions, RGB in [0, 1]) or "audio" (1-D convolutions, mono waveform).
     channels: hidden width at the code resolution. downsample: total stride (image: 4, 8 or 16 per side;
     audio: product of `audio_strides`). res_blocks: residual blocks at the code resolution, on each side.
+    res_channels: hidden width inside those blocks (images). scale_blocks: images only; residual blocks at each
+    resolution between the pixels and the code grid, on each side (0 = the VQ-VAE paper's single strided
+    convolution per factor of 2).
     image_size: training crop side in pixels (images). sample_rate: Hz (audio). activation: the audio nets'
     nonlinearity, "elu" or "snake".
     """
@@ -88,6 +91,7 @@ class ModelConfig:
     downsample: int = 4
     res_blocks: int = 2
     res_channels: int = 32
+    scale_blocks: int = 0
     image_size: int = 32
     sample_rate: int = 16000
     audio_strides: tuple[int, ...] = (2, 4, 5, 8)
@@ -101,7 +105,9 @@ class ModelConfig:
             _check(self.downsample in (4, 8, 16), f"downsample must be 4, 8 or 16, got {self.downsample}")
             _check(self.image_size >= self.downsample and self.image_size % self.downsample == 0,
                    f"image size {self.image_size} must be a multiple of the downsampling factor {self.downsample}")
+            _check(self.scale_blocks >= 0, f"scale blocks must be >= 0, got {self.scale_blocks}")
         else:
+            _check(self.scale_blocks == 0, "scale blocks apply to image models only")
             _check(self.sample_rate > 0, f"sample rate must be > 0, got {self.sample_rate}")
             _check(self.activation in ("elu", "snake"), f"activation must be elu or snake, got {self.activation!r}")
         self.quantizer.validate()

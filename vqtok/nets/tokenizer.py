@@ -2,7 +2,9 @@
 
 Images use 2-D convolutions in the VQ-VAE paper's style: stride-2 4x4 convolutions down to the code grid, a 3x3
 convolution and residual blocks (ReLU, 3x3, ReLU, 1x1) at the code resolution, then a 1x1 projection to the code
-dimension; the decoder mirrors it with transposed convolutions. Pixels enter in [0, 1] and are mapped to
+dimension; the decoder mirrors it with transposed convolutions. `scale_blocks` adds residual blocks at each
+resolution in between (as VQGAN's encoder and decoder have at every level), so the decoder has more than one
+layer per factor of 2 to draw detail finer than a code cell. Pixels enter in [0, 1] and are mapped to
 [-1, 1] inside, so callers never normalise.
 """
 
@@ -36,6 +38,11 @@ def _res_stack(config: ModelConfig, conv: type[nn.Conv1d] | type[nn.Conv2d]) -> 
     return [ResBlock(config.channels, config.res_channels, conv) for _ in range(config.res_blocks)]
 
 
+def _scale_stack(config: ModelConfig, width: int) -> list[nn.Module]:
+    """The image stacks' residual blocks at one resolution between the pixels and the code grid."""
+    return [ResBlock(width, width, nn.Conv2d) for _ in range(config.scale_blocks)]
+
+
 class ImageEncoder(nn.Module):
     """(B, C_in, H, W) in [0, 1] -> (B, D, H/f, W/f) with f = config.downsample."""
 
@@ -47,6 +54,8 @@ class ImageEncoder(nn.Module):
         layers: list[nn.Module] = []
         for i in range(n_down):
             layers += [nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.ReLU()]
+            if i < n_down - 1:
+                layers += _scale_stack(config, widths[i + 1])
         layers.append(nn.Conv2d(c, c, 3, padding=1))
         layers += _res_stack(config, nn.Conv2d)
         layers += [nn.ReLU(), nn.Conv2d(c, config.quantizer.dim, 1)]
@@ -70,7 +79,7 @@ class ImageDecoder(nn.Module):
         for i in range(n_up):
             layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1))
             if i < n_up - 1:
-                layers.append(nn.ReLU())
+                layers += [nn.ReLU(), *_scale_stack(config, widths[i + 1])]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
