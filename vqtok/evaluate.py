@@ -13,6 +13,7 @@ import torch
 from vqtok.data import io as data
 from vqtok import speech, stats
 from vqtok.tokens import tokfile
+from vqtok.tokens.tokfile import CodeTable
 from vqtok.nets.tokenizer import Tokenizer
 
 
@@ -31,10 +32,10 @@ class TokenFileSizes:
     codec and, when a model code `table` (S, K) is given, with `--codec entropy` (which writes a file packed
     when entropy coding would make it larger: `tokfile.encode_with_fallback`)."""
 
-    def __init__(self, model: Tokenizer, stages: int, table: np.ndarray | None = None):
+    def __init__(self, model: Tokenizer, stages: int, table: CodeTable | None = None):
         self.model = model
         self.codebook_size = model.config.quantizer.codebook_size
-        self.table = None if table is None else np.asarray(table)[:stages]
+        self.table = None if table is None else table[:stages]
         self.codecs = ("packed",) if table is None else ("packed", "entropy")
 
     @functools.cached_property
@@ -66,7 +67,7 @@ class ImageEvaluator:
     a model code `table` (S, K) is given, `bpp_entropy_file` for `--codec entropy` (see TokenFileSizes).
     """
 
-    def __init__(self, model: Tokenizer, stages: int | None = None, table: np.ndarray | None = None):
+    def __init__(self, model: Tokenizer, stages: int | None = None, table: CodeTable | None = None):
         q = model.config.quantizer
         self.model = model
         self.stages = stages or q.stages
@@ -147,7 +148,7 @@ class AudioEvaluator:
     each when its package is installed (vqtok.speech).
     """
 
-    def __init__(self, model: Tokenizer, stages: int | None = None, table: np.ndarray | None = None,
+    def __init__(self, model: Tokenizer, stages: int | None = None, table: CodeTable | None = None,
                  score_speech: bool = False):
         q = model.config.quantizer
         self.model = model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -18,10 +19,14 @@ from vqtok.atomic import atomic_path
 from vqtok.config import ModelConfig
 from vqtok.errors import VqtokError
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.tokens.context import ContextTable
 
 CONFIG_KEY = "vqtok.config"
 VERSION_KEY = "vqtok.version"
 FINGERPRINT_KEY = "vqtok.fingerprint"
+# The entropy codec's context tables (vqtok.tokens.context), beside the weights when the model has them.
+CONTEXT_GROUPS = "context.groups"
+CONTEXT_COUNTS = "context.counts"
 
 
 def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] | None = None) -> str:
@@ -34,6 +39,9 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
         **(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.context_table is not None:
+        tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups)
+        tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return fingerprint
@@ -66,9 +74,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokeniz
     model = Tokenizer(config)
     try:
         state = load_file(str(path))
+        groups, counts = state.pop(CONTEXT_GROUPS, None), state.pop(CONTEXT_COUNTS, None)
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as err:
         raise VqtokError(f"{path}: weights do not match the stored config ({_first_line(err)})") from None
+    if groups is not None and counts is not None:
+        try:
+            model.context_table = ContextTable(model.code_frequencies(), groups.numpy().astype(np.int64),
+                                               counts.numpy().astype(np.int64))
+        except ValueError as err:
+            raise VqtokError(f"{path}: bad context tables ({err})") from None
     return model.to(device).eval()
 
 

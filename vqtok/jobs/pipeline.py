@@ -33,7 +33,7 @@ from vqtok.errors import TokenFileError, VqtokError
 from vqtok.modelfile import load
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
-from vqtok.tokens.tokfile import Tokens, encode_with_fallback, peek_header, read_tokens
+from vqtok.tokens.tokfile import CodeTable, Tokens, encode_with_fallback, peek_header, read_tokens
 
 TOKEN_SUFFIX = ".vqt"
 
@@ -75,9 +75,10 @@ class RunReport:
         }
 
 
-def code_table(model: Tokenizer) -> np.ndarray:
-    """(S, K) int64 code frequencies seen in training, each at least 1 so every code stays encodable."""
-    return np.maximum(model.quantizer.code_counts().cpu().numpy().astype(np.int64), 1)
+def code_table(model: Tokenizer) -> CodeTable:
+    """The model's code statistics for the entropy codec: its context table when it has one (`vqtok train`
+    fits one, see vqtok.jobs.contexts), else its code counts (`Tokenizer.code_frequencies`)."""
+    return model.context_table if model.context_table is not None else model.code_frequencies()
 
 
 def load_for_inputs(model_path: Path, inputs: Sequence[Path], device: torch.device,
@@ -457,7 +458,7 @@ def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Pa
     write_signal(target, decoded_signal(model, codes, length, rate))
 
 
-def read_tokens_for_model(path: Path, table: np.ndarray | None) -> Tokens:
+def read_tokens_for_model(path: Path, table: CodeTable | None) -> Tokens:
     """read_tokens with the model's code table cut to the file's stage count (a file encoded with --stages N
     and the entropy codec was coded with the first N rows)."""
     if table is not None:

@@ -23,6 +23,7 @@ from vqtok.device import pick_device
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.evaluate import AudioEvaluator, ImageEvaluator
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.tokens.tokfile import CodeTable
 from vqtok.jobs.pipeline import (audio_header, code_table, find_token_files, image_batches, load_for_inputs,
                                  read_tokens_for_model)
 
@@ -64,7 +65,7 @@ class InspectReport:
         return out
 
 
-def inspect_tokens(inputs: Sequence[Path], table: np.ndarray | None = None) -> InspectReport:
+def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None) -> InspectReport:
     """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint).
     `table`: the model's code-frequency table, needed only for files entropy-coded with it."""
     counts: np.ndarray | None = None

@@ -14,6 +14,7 @@ import hashlib
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -156,6 +157,9 @@ class Tokenizer(nn.Module):
         self.config = config
         self.encoder, self.decoder = build_stacks(config)
         self.quantizer = ResidualVQ(config.quantizer)
+        # The entropy codec's context tables (vqtok.tokens.context.ContextTable), fitted after training and
+        # stored in the model file; not weights, so not in the state dict or the fingerprint.
+        self.context_table = None
 
     @property
     def hop(self) -> int:
@@ -193,6 +197,10 @@ class Tokenizer(nn.Module):
         z_q = v.reshape(indices.shape[0], *grid, -1).movedim(-1, 1)
         out = self.decoder(z_q)
         return out.clamp(0.0, 1.0) if self.config.modality == "image" else out.clamp(-1.0, 1.0)
+
+    def code_frequencies(self) -> np.ndarray:
+        """(S, K) int64 code counts seen in training, each at least 1 so the entropy codec can code every code."""
+        return np.maximum(self.quantizer.code_counts().cpu().numpy().astype(np.int64), 1)
 
     def fingerprint(self) -> str:
         """16 hex digits of SHA-256 over every tensor of the model (names, dtypes, shapes, bytes)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from typing import Callable, Iterable, Sequence
+from itertools import repeat
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,25 +43,26 @@ def max_codes(stream_bytes: int) -> int:
     return int(8 * (stream_bytes + 1) / _MIN_BITS_PER_CODE)
 
 
-def encode(rows: Iterable[Sequence[int]], tables: Iterable[tuple[Sequence[int], Sequence[int]]],
-           precision: int) -> bytes:
-    """Code rows[s] (indices into table s) with tables[s] = (frequencies (m,), cumulative frequencies (m+1,)),
-    row after row, into one stream. Every coded index must have a nonzero frequency. `tables` may be a
-    generator: each table is used once, in order, so only one need exist at a time."""
+Table = tuple[Sequence[int], Sequence[int]]  # (frequencies (m,), cumulative frequencies (m+1,))
+
+
+def encode_symbols(symbols: Iterable[tuple[Table, int]], precision: int) -> bytes:
+    """Code each (table, index) in turn into one stream: the index into that table's frequencies, which sum to
+    2^precision. Every coded index must have a nonzero frequency. Tables may differ from code to code (a
+    context model picks one per code); a generator keeps only the current one alive."""
     out = bytearray()
     low, rng = 0, _FULL
-    for row, (freq, cum) in zip(rows, tables):
-        for j in row:
-            r = rng >> precision
-            low += r * cum[j]
-            rng = r * freq[j]
-            if low >> 64:
-                _carry(out)
-                low &= _MASK
-            while rng < _BOTTOM:
-                out.append(low >> 56)
-                low = (low << 8) & _MASK
-                rng <<= 8
+    for (freq, cum), j in symbols:
+        r = rng >> precision
+        low += r * cum[j]
+        rng = r * freq[j]
+        if low >> 64:
+            _carry(out)
+            low &= _MASK
+        while rng < _BOTTOM:
+            out.append(low >> 56)
+            low = (low << 8) & _MASK
+            rng <<= 8
     tail, carry = _termination(low, rng)
     if carry:
         _carry(out)
@@ -68,46 +70,64 @@ def encode(rows: Iterable[Sequence[int]], tables: Iterable[tuple[Sequence[int], 
     return bytes(out)
 
 
-def decode(stream: bytes | memoryview, tables: Iterable[tuple[Sequence[int], Sequence[int]]], precision: int,
-           n: int, fail: Callable[[str], Exception]) -> list[np.ndarray]:
-    """Inverse of `encode` for n codes per table: [int64 indices (n,) per table]. Raises fail(problem) for a
-    stream that is not what `encode` writes for the codes it decodes to. `tables` may be a generator."""
+def decode_symbols(stream: bytes | memoryview, tables: Iterable[Table], precision: int,
+                   fail: Callable[[str], Exception], out: array) -> None:
+    """Inverse of `encode_symbols`: decode one index per table that `tables` yields, appending each to `out`
+    (an array("q")) before the next table is asked for, so a generator can pick the next table from the codes
+    decoded so far. Raises fail(problem) for a stream that is not what `encode_symbols` writes for them."""
     data = bytes(stream)
     size = len(data)
     padded = data + bytes(8)
     window = int.from_bytes(padded[:8], "big")
     x, low, rng, pos = window, 0, _FULL, 8  # x = window - low: where the stream points inside the interval
-    out = []
+    append = out.append
     for freq, cum in tables:
-        m = cum[-1]
-        row = []
-        append = row.append
-        for _ in range(n):
-            r = rng >> precision
-            slot = x // r
-            if slot >= m:
-                raise fail("corrupt entropy stream (points outside the coding interval)")
-            # Codes of frequency 0 have an empty slot range; bisect_right lands past them.
-            j = bisect_right(cum, slot) - 1
-            append(j)
-            step = r * cum[j]
-            x -= step
-            low += step
-            rng = r * freq[j]
-            while rng < _BOTTOM:
-                if pos >= size + 8:
-                    raise fail("corrupt entropy stream (ran out of data)")
-                x = (x << 8) | padded[pos]
-                low = (low << 8) & _MASK
-                rng <<= 8
-                pos += 1
-        out.append(np.asarray(row, dtype=np.int64))
-        del row, append  # a Python list costs 36 bytes a code; keep only the array
+        r = rng >> precision
+        slot = x // r
+        if slot >= cum[-1]:
+            raise fail("corrupt entropy stream (points outside the coding interval)")
+        # Codes of frequency 0 have an empty slot range; bisect_right lands past them.
+        j = bisect_right(cum, slot) - 1
+        append(j)
+        step = r * cum[j]
+        x -= step
+        low += step
+        rng = r * freq[j]
+        while rng < _BOTTOM:
+            if pos >= size + 8:
+                raise fail("corrupt entropy stream (ran out of data)")
+            x = (x << 8) | padded[pos]
+            low = (low << 8) & _MASK
+            rng <<= 8
+            pos += 1
     tail, _ = _termination(low & _MASK, rng)
     emitted = pos - 8
     if size != emitted + len(tail) or padded[emitted : emitted + 8] != (tail + bytes(8))[:8]:
         raise fail("corrupt entropy stream (does not end where it should)")
-    return out
+
+
+def encode(rows: Iterable[Sequence[int]], tables: Iterable[Table], precision: int) -> bytes:
+    """Code rows[s] (indices into table s) with tables[s], row after row, into one stream (`encode_symbols`
+    with one table per row). `tables` may be a generator: only one table need exist at a time."""
+    return encode_symbols(((table, j) for row, table in zip(rows, tables) for j in row), precision)
+
+
+def decode(stream: bytes | memoryview, tables: Iterable[Table], precision: int, n: int,
+           fail: Callable[[str], Exception]) -> list[np.ndarray]:
+    """Inverse of `encode` for n codes per table: [int64 indices (n,) per table]. Raises fail(problem) for a
+    stream that is not what `encode` writes for the codes it decodes to. `tables` may be a generator."""
+    out = array("q")  # 8 bytes a code, not the ~36 of a Python list
+    rows = 0
+
+    def per_code() -> Iterator[Table]:
+        nonlocal rows
+        for table in tables:
+            rows += 1
+            yield from repeat(table, n)
+
+    decode_symbols(stream, per_code(), precision, fail, out)
+    codes = np.frombuffer(out, dtype=np.int64) if len(out) else np.zeros(0, dtype=np.int64)
+    return [codes[i * n:(i + 1) * n] for i in range(rows)]
 
 
 def freq_cum(freqs: np.ndarray) -> tuple[Sequence[int], Sequence[int]]:

@@ -7,8 +7,10 @@ Layout (docs/FORMAT.md has the full description and the rules a reader enforces)
 All integers are little-endian; the CRC32 covers every byte before it. Two payload codecs:
 
 - "packed": the codes of all stages, stage by stage in C order, at ceil(log2 K) bits each, LSB first.
-- "entropy": a range coder (`rangecoder.py`) on static integer frequency tables (one per stage), either the model's code
-  frequencies (the caller passes them to reader and writer) or per-file counts stored in the payload.
+- "entropy": a range coder (`rangecoder.py`) on static integer frequency tables: the model's code frequencies, one
+  table per stage ("table": "model"), or the model's context tables, a table per code picked by a code coded
+  before it ("table": "context", see `context.py`; the caller passes them to reader and writer), or per-file
+  counts stored in the payload ("table": "file").
   Tables are normalised with integer arithmetic only, so a file decodes identically on every platform.
   `vqtok encode --codec entropy` writes a file packed instead when that is no larger (`encode_with_fallback`).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 import struct
 import zlib
 from dataclasses import dataclass
@@ -30,9 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from vqtok.tokens import rangecoder
+from vqtok.tokens import context, rangecoder
+from vqtok.tokens.context import ContextTable
 from vqtok.atomic import write_bytes_atomic
 from vqtok.errors import TokenFileError
+
+# A model's code statistics as the entropy codec takes them: (S, K) code counts, or a context table.
+CodeTable = np.ndarray | ContextTable
 
 MAGIC = b"VQTK"
 VERSION = (1, 0)
@@ -154,14 +161,15 @@ def encode_tokens(
     *,
     codebook_size: int,
     codec: str = "packed",
-    table: np.ndarray | None = None,
+    table: CodeTable | None = None,
 ) -> bytes:
     """The bytes of a token file for `codes` (S, *grid), integers in [0, codebook_size).
 
     header: the caller's metadata (must hold "fingerprint" and "modality"); the format fields (codec,
     codebook_size, stages, grid and codec fields) are added from the arguments. codec: "packed" or
-    "entropy". table: (S, K) model code counts for "entropy" (the file then records "table": "model" and
-    must be read with the same table); None with "entropy" stores per-file counts in the payload.
+    "entropy". table, for "entropy": the model's (S, K) code counts (the file records "table": "model") or
+    its `ContextTable` ("table": "context"); such a file must be read with the same table. None with
+    "entropy" stores per-file counts in the payload.
     """
     codes = np.asarray(codes)
     if codec not in CODECS:
@@ -191,7 +199,15 @@ def encode_tokens(
     else:
         precision = entropy_precision(codebook_size)
         fields["precision"] = precision
-        if table is not None:
+        if isinstance(table, ContextTable):
+            if table.order0.shape != (stages, codebook_size):
+                raise ValueError(f"context table has {len(table)} stages of {table.order0.shape[1]} codes, "
+                                 f"codes need ({stages}, {codebook_size})")
+            fields["table"] = "context"
+            fields["table_crc"], coding = table.coding_tables(precision, normalize_table)
+            payload = _context_encode(codes.reshape(stages, -1, grid[-1]).astype(np.int64), table, coding,
+                                      precision) if flat.size else b""
+        elif table is not None:
             table = np.asarray(table)
             if table.shape != (stages, codebook_size):
                 raise ValueError(f"frequency table has shape {table.shape}, codes need ({stages}, {codebook_size})")
@@ -220,7 +236,7 @@ def encode_with_fallback(
     *,
     codebook_size: int,
     codec: str = "packed",
-    table: np.ndarray | None = None,
+    table: CodeTable | None = None,
 ) -> bytes:
     """The token file `vqtok encode --codec CODEC` writes for `codes`: `encode_tokens`, except that an
     "entropy" file that would come out larger than the packed one is written packed instead.
@@ -244,7 +260,7 @@ def write_tokens(
     *,
     codebook_size: int,
     codec: str = "packed",
-    table: np.ndarray | None = None,
+    table: CodeTable | None = None,
 ) -> int:
     """Write `codes` (S, *grid) to a token file atomically; returns the bytes written.
 
@@ -270,9 +286,10 @@ def peek_header(path: str | os.PathLike) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def read_tokens(path: str | os.PathLike, *, table: np.ndarray | None = None) -> Tokens:
-    """Read a token file. table: the model's (S, K) code counts, needed for files that record
-    "table": "model". Raises TokenFileError (naming the file) for anything unreadable."""
+def read_tokens(path: str | os.PathLike, *, table: CodeTable | None = None) -> Tokens:
+    """Read a token file. table: the model's code statistics, needed for files that record "table": "model"
+    ((S, K) code counts, or a ContextTable, whose counts it holds) or "table": "context" (a ContextTable).
+    Raises TokenFileError (naming the file) for anything unreadable."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -290,7 +307,7 @@ def read_tokens(path: str | os.PathLike, *, table: np.ndarray | None = None) -> 
     return tokens
 
 
-def decode_tokens(data: bytes, *, table: np.ndarray | None = None, source: str = "<bytes>") -> Tokens:
+def decode_tokens(data: bytes, *, table: CodeTable | None = None, source: str = "<bytes>") -> Tokens:
     """Decode the bytes of a token file; `source` names it in error messages. See `read_tokens`."""
 
     def fail(problem: str) -> TokenFileError:
@@ -335,7 +352,7 @@ def decode_tokens(data: bytes, *, table: np.ndarray | None = None, source: str =
     if codec == "packed":
         flat = _unpack_checked(payload, stages * n_per_stage, bits_per_code(k), fail)
     else:
-        flat = _entropy_decode(payload, header, stages, n_per_stage, k, table, fail)
+        flat = _entropy_decode(payload, header, stages, grid, k, table, fail)
     codes = flat.reshape(stages, *grid)
     if codes.size and int(codes.max()) >= k:
         stage, pos = np.argwhere(codes.reshape(stages, -1) >= k)[0]
@@ -433,14 +450,46 @@ def _entropy_encode(flat: np.ndarray, tables: list[tuple[np.ndarray | None, np.n
     return rangecoder.encode(rows, (rangecoder.freq_cum(f) for _, f in tables), precision)
 
 
-def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n: int, k: int,
-                    table: np.ndarray | None, fail) -> np.ndarray:
+def _context_encode(rows: np.ndarray, table: ContextTable, coding: list[list[tuple]], precision: int) -> bytes:
+    """Range-code int64 codes (S, rows, n), each with the table of its context (see context.py)."""
+    ctx = context.contexts(rows, table.groups, table.group_count)
+    return rangecoder.encode_symbols(((coding[s][c], j) for s in range(len(rows))
+                                      for c, j in zip(ctx[s].ravel().tolist(), rows[s].ravel().tolist())), precision)
+
+
+def _context_decode(coded: memoryview, table: ContextTable, coding: list[list[tuple]], stages: int, rows: int,
+                    n: int, precision: int, fail) -> np.ndarray:
+    """Inverse of `_context_encode`: int64 codes (stages * rows * n,). Each code's table comes from the codes
+    decoded before it, as the encoder picked it."""
+    out = array("q")
+    groups, none = table.groups.tolist(), table.group_count
+
+    def tables():
+        first, left = coding[0], groups[0]
+        for _ in range(rows):
+            if n:
+                yield first[none]
+            for _ in range(n - 1):
+                yield first[left[out[-1]]]
+        per_stage = rows * n
+        for s in range(1, stages):
+            here, above, base = coding[s], groups[s - 1], (s - 1) * per_stage
+            for i in range(base, base + per_stage):
+                yield here[above[out[i]]]
+
+    rangecoder.decode_symbols(coded, tables(), precision, fail, out)
+    return np.frombuffer(out, dtype=np.int64) if len(out) else np.zeros(0, dtype=np.int64)
+
+
+def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, grid: list[int], k: int,
+                    table: CodeTable | None, fail) -> np.ndarray:
     """Decode an entropy payload into int64 codes (stages * n,), checking tables, sizes and the end of the stream."""
+    n = int(np.prod(grid, dtype=np.int64))
     precision = header.get("precision")
     if not _is_int(precision) or not _MIN_PRECISION <= precision <= _MAX_PRECISION or k > 1 << precision:
         raise fail(f"entropy precision {precision!r} is not an integer in [{_MIN_PRECISION}, {_MAX_PRECISION}] fitting K={k}")
     kind = header.get("table")
-    if kind == "model":
+    if kind in ("model", "context"):
         sparse, offset = None, 0
     elif kind == "file":
         sparse, offset = _decode_counts(payload, stages, k, n, fail)
@@ -449,11 +498,23 @@ def _entropy_decode(payload: memoryview, header: dict[str, Any], stages: int, n:
     coded = payload[offset:]
     if stages * n > rangecoder.max_codes(len(coded)):
         raise fail(f"header claims {stages * n} codes, more than {len(coded)} coded bytes can hold")
+    if kind == "context":
+        if not isinstance(table, ContextTable):
+            raise fail("entropy-coded with the model's context tables; read it with its model "
+                       "(vqtok inspect --model MODEL, or read_tokens(path, table=...))")
+        if table.order0.shape != (stages, k):
+            raise fail(f"the context table given has {len(table)} stages of {table.order0.shape[1]} codes; "
+                       f"the file needs ({stages}, {k})")
+        crc, coding = table.coding_tables(precision, normalize_table)
+        if crc != header.get("table_crc"):
+            raise fail("written with different context tables (another model?)")
+        return _context_decode(coded, table, coding, stages, n // grid[-1] if n else 0, grid[-1] if n else 0,
+                               precision, fail)
     if kind == "model":
         if table is None:
             raise fail("entropy-coded with the model's frequency table; read it with its model "
                        "(vqtok inspect --model MODEL, or read_tokens(path, table=...))")
-        table = np.asarray(table)
+        table = np.asarray(table.order0 if isinstance(table, ContextTable) else table)
         if table.shape != (stages, k) or table.dtype.kind not in "iu":
             raise fail(f"the frequency table given has shape {table.shape} ({table.dtype}); the file needs integers ({stages}, {k})")
         try:

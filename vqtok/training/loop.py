@@ -39,6 +39,7 @@ from vqtok.data import io as data
 from vqtok.data.readers import default_workers
 from vqtok.data.streams import Batch, BatchPlan, batches_of, collate
 from vqtok.errors import VqtokError
+from vqtok.jobs.contexts import fit_context_table
 from vqtok.modelfile import save_model
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.training import distributed
@@ -156,6 +157,8 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     final: dict[str, float] = {}
     if procs.main:
         model.eval()
+        status("fitting the entropy codec's context tables")
+        model.context_table = fit_context_table(model, [Path(p) for p in task.train_data.paths], train_config.seed)
         save_model(model, out / "model.safetensors",
                    extra={"vqtok.train": json.dumps(dataclasses.asdict(train_config))})
         final = run.validate()
