@@ -259,6 +259,7 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
 
     info = check_run(run, recipe)
     source = run / "model.safetensors"
+    add_context_tables(source, recipe)
     model = load(source)
     metadata = read_metadata(source)
     host_file = run / "host.json"
@@ -299,6 +300,23 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
     write_bytes_atomic(folder / zoo.CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
     write_bytes_atomic(folder / "README.md", card_markdown(card).encode())
     return card
+
+
+def add_context_tables(source: Path, recipe: Recipe) -> None:
+    """Give a model trained before `vqtok train` fitted context tables its tables, fitted to the recipe's
+    training files, rewriting the file in place (same weights and fingerprint; metadata kept)."""
+    from vqtok.data.io import find_inputs
+    from vqtok.jobs.contexts import fit_context_table
+    from vqtok.modelfile import CONFIG_KEY, FINGERPRINT_KEY, VERSION_KEY, load, read_metadata, save_model
+
+    model = load(source)
+    if model.context_table is not None:
+        return
+    print(f"{source}: fitting context tables", file=sys.stderr)
+    inputs, _ = recipe.inputs_and_options()
+    model.context_table = fit_context_table(model, find_inputs([ROOT / p for p in inputs])[1])
+    kept = {k: v for k, v in read_metadata(source).items() if k not in (CONFIG_KEY, VERSION_KEY, FINGERPRINT_KEY)}
+    save_model(model, source, extra=kept)
 
 
 def card_markdown(card: dict[str, Any]) -> str:
