@@ -128,7 +128,8 @@ RECIPES: dict[str, Recipe] = {
     "speech": Recipe(
         description="16 kHz speech",
         train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--channels", "128", "--res-blocks", "1",
-               "--audio-loss", "spectral", "--segment-seconds", "0.5", "--steps", "15000", "--warmup", "200",
+               "--code-dim", "8", "--audio-loss", "spectral", "--segment-seconds", "0.5", "--steps", "15000",
+               "--warmup", "200",
                "--checkpoint-every", "1000", "--num-workers", "0", "--device", "cpu"),
         heldout="../shared/data/librispeech/test-other",
         sample="samples/heldout/speech",
