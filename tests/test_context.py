@@ -106,7 +106,7 @@ def test_fit_is_deterministic_and_keeps_every_code_codable() -> None:
     first = context.fit(codebooks(), files, np.ones((STAGES, K), dtype=np.int64), GROUPS)
     second = context.fit(codebooks(), files, np.ones((STAGES, K), dtype=np.int64), GROUPS)
     assert np.array_equal(first.groups, second.groups) and np.array_equal(first.counts, second.counts)
-    assert first.counts.shape == (STAGES, GROUPS + 1, K) and first.counts.min() > 0
+    assert first.counts.shape == (STAGES, GROUPS + 1, K) and first.smoothed().min() > 0
     assert set(np.unique(first.groups)) == set(range(GROUPS))
 
 

@@ -40,8 +40,9 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.context_table is not None:
-        tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups)
-        tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts)
+        # int32 on disk: a count reaching 2^31 would take 2^31 code positions of fitting data.
+        tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups.astype(np.int32))
+        tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts.astype(np.int32))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return fingerprint

@@ -12,8 +12,8 @@ statistics and a model's tables stay at (S, G + 1, K). Measured on BSDS500 val w
 (K = 1024, G = 64, fitted on the 200 train photos): the first stage costs 8.64 bits a code instead of 9.79 with
 one table per stage (10 packed), later stages about 9.5 instead of 9.9.
 
-Counts are smoothed towards each stage's overall code frequencies when fitted (`fit`), so every code keeps a
-nonzero frequency in every context and a table that has seen few codes still codes well. This module imports
+Counts are smoothed towards each stage's overall code frequencies when the tables are built, so every code keeps
+a nonzero frequency in every context and a context seen few times still codes well. This module imports
 numpy only; `fit` imports faiss for the k-means.
 """
 
@@ -36,8 +36,9 @@ class ContextTable:
     """A model's code statistics for the entropy codec.
 
     order0: (S, K) int64 code counts per stage (what files coded with one table per stage were coded with).
-    groups: (S, K) int64, each code's group in [0, G). counts: (S, G + 1, K) int64 smoothed counts of a stage's
-    code given its context; row G is the first code of a row in stage 1 (and unused in later stages).
+    groups: (S, K) int64, each code's group in [0, G). counts: (S, G + 1, K) int64 counts of a stage's code given
+    its context in the fitting data; row G is the first code of a row in stage 1 (unused in later stages). The
+    coder uses them smoothed (`smoothed`).
     Slicing (`table[:n]`) keeps the first n stages, for files encoded with fewer stages.
     """
 
@@ -54,12 +55,21 @@ class ContextTable:
                              f"groups {self.groups.shape}, counts {self.counts.shape}")
         if self.groups.min() < 0 or self.groups.max() >= g:
             raise ValueError(f"context groups must be in [0, {g})")
+        if self.counts.min() < 0:
+            raise ValueError("context counts must be >= 0")
 
     def __len__(self) -> int:
         return len(self.order0)
 
     def __getitem__(self, stages: slice) -> ContextTable:
         return ContextTable(self.order0[stages], self.groups[stages], self.counts[stages])
+
+    def smoothed(self) -> np.ndarray:
+        """(S, G + 1, K) int64 integers proportional to the smoothed probabilities of a code given its context:
+        (n_cy + w p_y) / (n_c + w), with p_y the stage's overall frequency of code y (every code counted once
+        more, so none has probability 0) and w = PRIOR_WEIGHT, times n_c + w and the stage's total count."""
+        overall = self.counts.sum(1) + 1  # (S, K)
+        return self.counts * overall.sum(1)[:, None, None] + PRIOR_WEIGHT * overall[:, None, :]
 
     @property
     def group_count(self) -> int:
@@ -72,7 +82,7 @@ class ContextTable:
             from vqtok.tokens.rangecoder import freq_cum
 
             s, c, k = self.counts.shape
-            freqs = normalize(self.counts.reshape(s * c, k), precision).reshape(s, c, k)
+            freqs = normalize(self.smoothed().reshape(s * c, k), precision).reshape(s, c, k)
             crc = zlib.crc32(np.ascontiguousarray(self.groups, dtype="<i4"),
                              zlib.crc32(np.ascontiguousarray(freqs, dtype="<i4")))
             self._coding[precision] = (crc, [[freq_cum(row) for row in stage] for stage in freqs])
@@ -111,7 +121,4 @@ def fit(codebooks: Sequence[np.ndarray], codes: Iterable[np.ndarray], order0: np
         ctx = contexts(rows, groups, group_count)
         for s in range(stages):
             np.add.at(seen[s], (ctx[s].ravel(), rows[s].ravel()), 1)
-    overall = seen.sum(1) + 1  # (S, K); every code at least once
-    # (n_c p_c + w p) scaled by the stage total: integers, proportional to the smoothed probabilities.
-    smoothed = seen * overall.sum(1)[:, None, None] + PRIOR_WEIGHT * overall[:, None, :]
-    return ContextTable(np.asarray(order0, dtype=np.int64), groups, smoothed)
+    return ContextTable(np.asarray(order0, dtype=np.int64), groups, seen)
