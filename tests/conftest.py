@@ -13,6 +13,14 @@ SAMPLES = ROOT / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def copy_first(source: Path, pattern: str, count: int, folder: Path) -> Path:
+    """Copy the first `count` files of `source` matching `pattern` (sorted) into `folder` (created); returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in sorted(source.glob(pattern))[:count]:
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> Path:
     """Folder of 1,000 MNIST PNGs (28x28 grayscale)."""
@@ -28,10 +36,7 @@ def sample_audio() -> Path:
 @pytest.fixture(scope="session")
 def fsdd16(tmp_path_factory: pytest.TempPathFactory, sample_audio: Path) -> Path:
     """A folder of the first 16 sample WAVs (sorted): a small speech set the training tests read, never write."""
-    folder = tmp_path_factory.mktemp("fsdd16")
-    for src in sorted(sample_audio.glob("*.wav"))[:16]:
-        shutil.copy(src, folder / src.name)
-    return folder
+    return copy_first(sample_audio, "*.wav", 16, tmp_path_factory.mktemp("fsdd16"))
 
 
 @pytest.fixture(scope="session")

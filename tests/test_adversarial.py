@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vqtok.cli import app
+from conftest import copy_first
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
 from vqtok.modelfile import CONTEXT_COUNTS, CONTEXT_GROUPS
@@ -164,10 +165,7 @@ def test_warm_up_is_a_plain_run(run: Path, fsdd16: Path, tmp_path: Path) -> None
 
 
 def test_options_reach_the_config_and_images_are_refused(sample_images: Path, tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for src in sorted(sample_images.glob("*.png"))[:20]:
-        shutil.copy(src, images / src.name)
+    images = copy_first(sample_images, "*.png", 20, tmp_path / "images")
     result = CliRunner().invoke(app, ["train", str(images), "--out", str(tmp_path / "run"), "--steps", "4",
                                       "--adversarial-from", "2", "--device", "cpu"])
     assert result.exit_code == 1

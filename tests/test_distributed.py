@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import copy_first
 from distributed_worker import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,7 @@ def run_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory, sample_images: Path) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    for src in sorted(sample_images.glob("*.png"))[:120]:
-        shutil.copy(src, folder / src.name)
-    return folder
+    return copy_first(sample_images, "*.png", 120, tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import copy_first
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
 from vqtok.training.loop import learning_rate, train
@@ -28,11 +28,7 @@ def tiny_train(**kw) -> TrainConfig:
 
 @pytest.fixture()
 def images(tmp_path: Path, sample_images: Path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for src in sorted(sample_images.glob("*.png"))[:80]:
-        shutil.copy(src, folder / src.name)
-    return folder
+    return copy_first(sample_images, "*.png", 80, tmp_path / "images")
 
 
 def test_run_directory_contents(images: Path, tmp_path: Path) -> None:

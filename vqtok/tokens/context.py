@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vqtok.tokens.rangecoder import freq_cum
+
 GROUPS = 64
 # Smoothing: a context's counts are mixed with its stage's overall frequencies as if those had been seen this
 # many times in it (the best of 4, 16, 64 and 256 on BSDS500 val).
@@ -79,8 +81,6 @@ class ContextTable:
         """(CRC32 of the normalised frequencies and the groups, the coder's (freq, cum) pair per stage and
         context), built once per precision. `normalize` is tokfile.normalize_table (tokfile imports this module)."""
         if precision not in self._coding:
-            from vqtok.tokens.rangecoder import freq_cum
-
             s, c, k = self.counts.shape
             freqs = normalize(self.smoothed().reshape(s * c, k), precision).reshape(s, c, k)
             crc = zlib.crc32(np.ascontiguousarray(self.groups, dtype="<i4"),
