@@ -105,7 +105,7 @@ def load_clips(folder: Path, count: int) -> list[Clip]:
     clips = []
     for path in sorted(paths)[:count]:
         rate, frames, _ = data.audio_info(path)
-        clips.append(Clip(path, data.relative_name(path, [folder]).as_posix(), data.load_audio(path, RATE)[0],
+        clips.append(Clip(path, data.relative_namer([folder])(path), data.load_audio(path, RATE)[0],
                           frames / rate))
     return clips
 

@@ -24,7 +24,8 @@ model (`ModelConfig()`, untrained: the forward cost does not depend on the weigh
     python benchmarks/throughput.py                      # about 4-5 minutes on 2 cores
     python benchmarks/throughput.py --cifar 2000 --train-steps 0
 
-Every run reads a copy of the files made in a temporary folder just before (so the page cache holds them);
+Every run reads a copy of the files made in a temporary folder just before (so the page cache holds them)
+and starts after a sync (`settle`), so it never pays for writing back the previous step's files;
 training runs are fresh `python -m vqtok train` processes. On a machine shared with other jobs the images/s
 figures drop with the cores the others take; the CPU ms per image much less. Results:
 benchmarks/results/throughput.json (written atomically). Without ../shared/data the script says so and
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import resource
 import shutil
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from timing import best_seconds  # noqa: E402  (benchmarks/timing.py; the script folder is on sys.path)
+from vqtok.allocator import keep_freed_memory  # noqa: E402
 from vqtok.atomic import write_bytes_atomic  # noqa: E402
 from vqtok.config import ModelConfig  # noqa: E402
 from vqtok.data import io as data  # noqa: E402
@@ -89,6 +92,16 @@ def forward_seconds(model: Tokenizer, paths: list[Path], repeats: int) -> float:
     return best_seconds(lambda: [encode_batch(model, b, None, r) for b, r in zip(batches, rows)], repeats) / len(paths)
 
 
+def settle() -> None:
+    """Write dirty pages out before a timed run, so it never pays for the previous step's writeback. It also
+    shortens a cost that deleting files leaves behind: ext4's inode allocator steps over every inode freed in
+    the last minute, or in the last six while its inode table block is unwritten (fs/ext4/ialloc.c,
+    recently_deleted). On this machine, after earlier runs had deleted some 10^5 files, creating a token file
+    cost 0.2-0.8 ms instead of 0.02-0.04, nearly all of it in that check (perf). So the script deletes
+    nothing until it ends."""
+    os.sync()
+
+
 def write_seconds(names: list[Path], size: int, tmp: Path, repeats: int) -> float:
     """Core-seconds per file to write a `size`-byte token file atomically for each of `names` (relative paths),
     into a fresh folder each repeat (one thread)."""
@@ -100,10 +113,7 @@ def write_seconds(names: list[Path], size: int, tmp: Path, repeats: int) -> floa
         for name in names:
             write_bytes_atomic(out / f"{name}.vqt", payload)
 
-    seconds = best_seconds(write_all, repeats) / len(names)
-    for leftover in tmp.glob("writes-*"):
-        shutil.rmtree(leftover)
-    return seconds
+    return best_seconds(write_all, repeats, settle) / len(names)  # the files stay: see encode_runs
 
 
 def vqtok(*args: object) -> dict[str, Any]:
@@ -115,10 +125,11 @@ def vqtok(*args: object) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def cpu_seconds() -> float:
-    """CPU seconds used so far by this process and by its children that have ended (the decoding workers)."""
-    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                             resource.RUSAGE_CHILDREN)))
+def cpu_seconds() -> tuple[float, float]:
+    """(all, kernel) CPU seconds used so far by this process and by its children that have ended (the decoding
+    workers)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(r.ru_utime + r.ru_stime for r in usage), sum(r.ru_stime for r in usage)
 
 
 def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[str, dict[int, dict[str, float]]]:
@@ -127,14 +138,19 @@ def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[s
     for kind in runs:
         for workers in WORKERS:
             out = tmp / f"encode-{kind}-{workers}"
+            settle()
             start = cpu_seconds()
             report = encode_files(model_path, [folder], out, device="cpu", num_workers=workers, shard=kind == "shard")
             if report.failed:
                 raise SystemExit(f"encode of {folder} skipped files: {report.failed[:3]}")
+            (cpu, kernel), (cpu_start, kernel_start) = cpu_seconds(), start
             runs[kind][workers] = {"images_per_second": files / report.seconds,
-                                   "cpu_ms_per_image": 1e3 * (cpu_seconds() - start) / files,
+                                   "cpu_ms_per_image": 1e3 * (cpu - cpu_start) / files,
+                                   "kernel_ms_per_image": 1e3 * (kernel - kernel_start) / files,
                                    "bytes_per_image": report.bytes / files}
-            shutil.rmtree(out)
+            # Outputs stay until the end: on an ext4 without a journal, files created within ~30 s of many
+            # deletions cost 5-20x more (the inode allocator steps over each recently freed inode), so deleting a
+            # run's 10,000 files would slow the next run's.
     return runs
 
 
@@ -143,6 +159,7 @@ def train_rates(folder: Path, tmp: Path, steps: int, batch_size: int, size: int)
     rates = {}
     for workers in WORKERS:
         run = tmp / f"train-{workers}"
+        settle()
         try:
             report = vqtok("train", folder, "--out", run, "--steps", steps, "--warmup", 1, "--batch-size", batch_size,
                            "--size", size, "--checkpoint-every", steps, "--device", "cpu", "--num-workers", workers)
@@ -189,7 +206,7 @@ def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tu
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| data | measure | workers | images/s | / B | / B_w | CPU ms per image | decode + forward / CPU |",
+    lines = ["| data | measure | workers | images/s | / B | / B_w | CPU ms per image (kernel) | decode + forward / CPU |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         bound, work = r["bound_images_per_second"], r["decode_ms"] + r["forward_ms"]
@@ -208,7 +225,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 rate, cpu = run["images_per_second"], run["cpu_ms_per_image"]
                 versus_w = f"{rate / bound_w:.2f}" if kind == "vqt" else ""
                 lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound:.2f} | {versus_w} | "
-                             f"{cpu:.3f} | {work / cpu:.2f} |")
+                             f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {work / cpu:.2f} |")
         for workers, rate in r["train"]["images_per_second"].items():
             lines.append(f"| {name} | train (batch {r['train']['batch_size']}, {r['train']['crop']} px crops) "
                          f"| {workers} | {rate:.1f} | | | | |")
@@ -227,6 +244,7 @@ def main() -> int:
     if not (cifar.is_dir() and bsds.is_dir()):
         print(f"skipped: the real data folder {args.data} (cifar10/test, bsds500) is absent")
         return 0
+    keep_freed_memory()  # as `vqtok` does on start (vqtok.cli.main), so encode_files here runs as it does there
     results = {}
     with tempfile.TemporaryDirectory(prefix="vqtok-throughput-") as tmp:
         _, cifar_files = data.find_inputs([cifar])

@@ -122,7 +122,7 @@ def tokenize(model_file: Path, test_dir: Path, limit: int | None, batch_size: in
             codes = model.encode(batch.float().div_(255.0)).numpy()
             for (path, size), c in zip(batch_items, codes):
                 header = {"fingerprint": fingerprint, "modality": model.config.modality,
-                          "original_size": list(size), "source": data.relative_name(path, [test_dir]).as_posix()}
+                          "original_size": list(size), "source": data.relative_namer([test_dir])(path)}
                 items[order[path]] = (c.astype(np.int64), header)
     seconds = time.perf_counter() - begin
     return {"items": items, "table": code_table(model), "codebook_size": model.config.quantizer.codebook_size,

@@ -43,3 +43,27 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
             tmp.write_bytes(b"half")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_temporary_name_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A crashed process with this process id may have left the next temporary name behind: the write takes
+    # another name and leaves the stale file alone.
+    import itertools
+
+    import vqtok.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_COUNTER", itertools.count(7))
+    stale = tmp_path / f".out.vqt.{os.getpid()}-7.tmp.vqt"
+    stale.write_bytes(b"stale")
+    write_bytes_atomic(tmp_path / "out.vqt", b"new")
+    assert (tmp_path / "out.vqt").read_bytes() == b"new"
+    assert stale.read_bytes() == b"stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([stale.name, "out.vqt"])
+
+
+def test_a_write_into_a_missing_folder_makes_it_and_a_file_in_the_way_fails(tmp_path: Path) -> None:
+    write_bytes_atomic(tmp_path / "a" / "b" / "c.vqt", b"x")
+    assert (tmp_path / "a" / "b" / "c.vqt").read_bytes() == b"x"
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        write_bytes_atomic(tmp_path / "file" / "c.vqt", b"x")

@@ -245,7 +245,8 @@ def test_find_inputs_recursive_sorted_hidden_ignored(tmp_path):
     assert kind == "image"
     expected = ["a/1.png", "a/sub/0.png", "a-b/3.png", "b/2.png", "c.PNG"]  # folder by folder
     assert [p.relative_to(tmp_path).as_posix() for p in files] == expected
-    assert [data.relative_name(p, tmp_path).as_posix() for p in files] == expected
+    name = data.relative_namer(tmp_path)
+    assert [name(p) for p in files] == expected
 
 
 def test_find_inputs_mixed_is_an_error(tmp_path):
@@ -274,8 +275,9 @@ def test_find_inputs_files_and_folders(tmp_path, sample_audio):
     single = _touch(tmp_path / "one" / "solo.wav")
     kind, files = data.find_inputs([single, sample_audio])
     assert kind == "audio" and len(files) == 41 and files[0] == single
-    assert data.relative_name(single, [single, sample_audio]) == Path("solo.wav")
-    assert data.relative_name(files[1], [single, sample_audio]) == Path(files[1].name)
+    name = data.relative_namer([single, sample_audio])
+    assert name(single) == "solo.wav"
+    assert name(files[1]) == files[1].name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,3 +434,13 @@ def test_load_audio_set_on_samples(tmp_path, sample_audio):
         assert wave.dtype == torch.float32 and wave.shape[0] == 1
         assert abs(wave.shape[1] - 2 * frames) <= 1
         assert float(wave.abs().max()) <= 1.0
+
+
+def test_relative_names_take_the_innermost_root_and_never_a_name_prefix(tmp_path):
+    inner = tmp_path / "data" / "inner"
+    name = data.relative_namer([tmp_path / "data", inner, str(tmp_path / "data2") + "/"])
+    assert name(inner / "a" / "x.png") == "a/x.png"
+    assert name(tmp_path / "data" / "b" / "y.png") == "b/y.png"
+    assert name(tmp_path / "data2" / "z.png") == "z.png"
+    assert name(tmp_path / "data22" / "w.png") == "w.png"  # outside every root: the file name alone
+    assert name(inner) == "inner"

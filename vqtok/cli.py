@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from vqtok.allocator import keep_freed_memory
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.defaults import AUDIO
 from vqtok.errors import VqtokError
@@ -452,4 +453,5 @@ def _print_models_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    keep_freed_memory()
     app()

@@ -12,6 +12,7 @@ original rate, length and channel count, and decode writes a WAV at that rate an
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +141,8 @@ def encode_files(
     sink = (_TokenShard(out, part, model.config.quantizer.codebook_size, fields["fingerprint"], report) if shard
             else _TokenFiles(out, model, codec, stages, report))
 
-    def source(path: Path) -> str:
-        # Named when written, on the writer thread: naming costs ~15 us a file, which a shard run would
-        # otherwise spend before its first batch.
-        return data.relative_name(path, inputs).as_posix()
+    # Files are named when written, on the writer thread, so a run spends nothing on names before its first batch.
+    source = data.relative_namer(inputs)
 
     todo = sink.select(take_part(paths, part), source, force, notify)
 
@@ -192,9 +191,10 @@ class _TokenFiles:
         self.codebook_size = model.config.quantizer.codebook_size
         self.table = code_table(model)[: stages or None] if codec == "entropy" else None
 
-    def target(self, source: str) -> Path:
-        """out/<relative name>.vqt, for an input's relative name in posix form."""
-        return self.out / f"{source}{TOKEN_SUFFIX}"
+    def target(self, source: str) -> str:
+        """out/<relative name>.vqt, for an input's relative name in posix form (a string: pathlib would cost
+        more than the rest of a small file's writing)."""
+        return os.path.join(self.out, f"{source}{TOKEN_SUFFIX}")
 
     def select(self, paths: list[Path], source: Callable[[Path], str], force: bool,
                notify: FileCallback) -> list[Path]:
@@ -203,10 +203,10 @@ class _TokenFiles:
         left = []
         for path in paths:
             target = self.target(source(path))
-            if force or not target.exists():
+            if force or not os.path.exists(target):
                 left.append(path)
             else:
-                self.report.existing.append(str(target))
+                self.report.existing.append(target)
                 notify(path, "exists")
         return left
 
@@ -220,7 +220,7 @@ class _TokenFiles:
         except OSError as err:
             raise VqtokError(f"{target}: cannot write the token file ({err.strerror or err})") from None
         self.report.bytes += len(blob)
-        self.report.written.append(str(target))
+        self.report.written.append(target)
 
     def finish(self) -> None:
         """Every token file is complete once written."""

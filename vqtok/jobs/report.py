@@ -135,10 +135,11 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
     if modality == "audio":
         return _evaluate_audio(model, paths, inputs, dev, stages, plot, failed, score_speech)
     evaluator = ImageEvaluator(model, stages, code_table(model))
+    source = data.relative_namer(inputs)
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     for items, batch in image_batches(paths, model.hop, batch_size, lambda p, why: failed.append((str(p), why))):
         # The names `vqtok encode` would put in the token file headers, so measured file sizes are exact.
-        sources = [data.relative_name(path, inputs).as_posix() for path, _ in items]
+        sources = [source(path) for path, _ in items]
         # Every image in a batch shares its padded shape but not always its original size: score each
         # image's own region so padding never counts.
         sizes = {size for _, size in items}
@@ -164,12 +165,13 @@ def _evaluate_audio(model: Tokenizer, paths: list[Path], inputs: Sequence[Path],
     """Each file whole, mono at the model's rate (see AudioEvaluator); its token file sizes are measured with
     the header `vqtok encode` would write for it (mono)."""
     evaluator = AudioEvaluator(model, stages, code_table(model), score_speech)
+    source = data.relative_namer(inputs)
     rate = model.config.sample_rate
     for path in paths:
         try:
             wave = data.load_audio(path, rate).to(dev)
             fields = {**audio_header(rate, data.audio_info(path), mono=True),
-                      "source": data.relative_name(path, inputs).as_posix()}
+                      "source": source(path)}
         except VqtokError as err:
             failed.append((str(path), str(err)))
             continue
