@@ -57,6 +57,11 @@ class AudioLoss(str, Enum):
     spectral = "spectral"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Activation(str, Enum):
     elu = "elu"
     snake = "snake"
@@ -179,6 +184,7 @@ def train(
     kmeans_init: Annotated[bool, typer.Option(help="k-means++ codebook initialisation from the first batch.")] = _Q.kmeans_init,
     dead_code_steps: Annotated[Optional[int], typer.Option(help=f"Re-seed codes unused for this many steps, 0 = never (default: {_Q.dead_code_steps} images, {AUDIO['dead_code_steps']} audio).")] = None,
     cosine: Annotated[bool, typer.Option(help="Cosine codebook: l2-normalised codes and inputs.")] = _Q.cosine,
+    precision: Annotated[Precision, typer.Option(help="bf16: run the encoder and decoder under bfloat16 autocast (weights, quantizer and losses stay float32), ~1.7x faster on CPUs with AVX512-BF16 or AMX and on recent GPUs.")] = Precision(_T.precision),
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
@@ -205,7 +211,7 @@ def train(
             beta=beta, ema_decay=ema_decay, affine=affine.value if affine else None, affine_groups=affine_groups,
             affine_lr_mult=affine_lr_mult, sync_nu=sync_nu, alternate=alternate, alternate_lr=alternate_lr,
             kmeans_init=kmeans_init, dead_code_steps=dead_code_steps, cosine=cosine,
-            checkpoint_every=checkpoint_every, val_fraction=val_fraction, device=device)
+            checkpoint_every=checkpoint_every, val_fraction=val_fraction, precision=precision.value, device=device)
     progress, on_progress = _training_progress(steps)
     try:
         with _user_errors():

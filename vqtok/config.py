@@ -135,6 +135,9 @@ class TrainConfig:
     val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
     segment_seconds: random training crop length for audio. audio_loss: "waveform" (squared error plus a light
     log-mel term) or "spectral" (multi-scale log-mel L1 plus the squared error); see training/audiosets.py.
+    precision: "fp32", or "bf16" to run the encoder and decoder under bfloat16 autocast (weights, optimizer, the
+    quantizer and the losses stay float32): ~1.7x faster steps on a CPU with AVX512-BF16 or AMX, and on recent
+    GPUs.
     adversarial_from: audio only; 0 = off, else the number of plain steps after which every step also trains a
     multi-scale STFT discriminator and adds adversarial_weight * its hinge loss + feature_weight * relative
     feature matching to the generator's loss (see training/adversarial.py). The default weights are DAC's,
@@ -157,6 +160,7 @@ class TrainConfig:
     adversarial_from: int = 0
     adversarial_weight: float = 1.0
     feature_weight: float = 2.0
+    precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
 
     def validate(self) -> None:
@@ -166,6 +170,7 @@ class TrainConfig:
         _check(0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}")
         _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
         _check(self.segment_seconds > 0, "segment length must be > 0 s")
+        _check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         _check(self.audio_loss in ("waveform", "spectral"),
                f"audio loss must be waveform or spectral, got {self.audio_loss!r}")
         _check(0 <= self.adversarial_from < self.steps,

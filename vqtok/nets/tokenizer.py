@@ -175,8 +175,12 @@ class Tokenizer(nn.Module):
         return v.reshape(like.shape[0], *like.shape[2:], -1).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor, stages: int | None = None) -> TokenizerOutput:
+        """Under autocast (training with --precision bf16) the encoder and decoder run in the autocast dtype and
+        the quantizer in float32: code search, EMA statistics and the codebook losses need its precision."""
         z = self.encoder(x)
-        out = self.quantizer(self._to_vectors(z), stages)
+        with torch.autocast(x.device.type, enabled=False):
+            z = z.float()
+            out = self.quantizer(self._to_vectors(z), stages)
         recon = self.decoder(self._from_vectors(out.z_q, z))
         indices = out.indices.reshape(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
         return TokenizerOutput(recon, indices, out.losses, z)

@@ -128,6 +128,8 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     modality, paths = data.find_inputs(list(inputs))
     model_config, train_config = _run_configs(out, paths, modality, model_config, train_config, size,
                                               sample_rate, resume)
+    if train_config.precision == "bf16" and procs.device.type not in ("cpu", "cuda"):
+        raise VqtokError(f"--precision bf16 runs on cpu or cuda, not {procs.device.type}")
     if train_config.adversarial_from and modality != "audio":
         raise VqtokError("--adversarial-from is for audio models only (its discriminator reads spectrograms); "
                          "these files are images")
@@ -264,7 +266,9 @@ class _Run:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         self.skipped.update(batch.skipped)
         x = self.task.prepare(batch.inputs.to(self.procs.device, non_blocking=True))
-        out = self.net(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            out = self.net(x)
+        out = out._replace(recon=out.recon.float())
         recon = self.task.reconstruction_loss(out.recon, x)
         loss = recon + sum(out.losses.values())
         adversarial: dict[str, torch.Tensor] = {}
