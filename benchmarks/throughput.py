@@ -102,14 +102,14 @@ def settle() -> None:
     os.sync()
 
 
-def write_seconds(names: list[Path], size: int, tmp: Path, repeats: int) -> float:
+def write_seconds(names: list[Path], size: int, folder: Path, repeats: int) -> float:
     """Core-seconds per file to write a `size`-byte token file atomically for each of `names` (relative paths),
-    into a fresh folder each repeat (one thread)."""
+    into a fresh folder under `folder` each repeat (one thread)."""
     payload = bytes(size)
     rounds = itertools.count()
 
     def write_all() -> None:
-        out = tmp / f"writes-{next(rounds)}"
+        out = folder / str(next(rounds))
         for name in names:
             write_bytes_atomic(out / f"{name}.vqt", payload)
 
@@ -137,7 +137,7 @@ def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[s
     runs: dict[str, dict[int, dict[str, float]]] = {"vqt": {}, "shard": {}}
     for kind in runs:
         for workers in WORKERS:
-            out = tmp / f"encode-{kind}-{workers}"
+            out = tmp / f"{folder.name}-encode-{kind}-{workers}"
             settle()
             start = cpu_seconds()
             report = encode_files(model_path, [folder], out, device="cpu", num_workers=workers, shard=kind == "shard")
@@ -194,7 +194,7 @@ def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tu
           f"forward {1e3 * forward_s:.3f} ms per image, bound {bound:.1f} images/s on {cores} cores", file=sys.stderr)
     encode = encode_runs(model_path, folder, len(paths), tmp)
     vqt_bytes = round(np.mean([run["bytes_per_image"] for run in encode["vqt"].values()]))
-    write_s = write_seconds([p.relative_to(folder) for p in paths], vqt_bytes, tmp, repeats)
+    write_s = write_seconds([p.relative_to(folder) for p in paths], vqt_bytes, tmp / f"{name}-writes", repeats)
     steps, batch_size, crop = train
     return {"files": len(paths), "megabytes": size_bytes / 2**20, "cores": cores,
             "decode_images_per_second": 1 / decode_s, "forward_images_per_second": 1 / forward_s,
