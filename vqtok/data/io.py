@@ -117,7 +117,7 @@ def relative_namer(roots: Path | str | Sequence[Path | str]) -> Callable[[Path],
 
     Files found in a folder keep their path relative to that folder (the innermost one when roots nest); a file
     given directly, or one outside every root, keeps just its file name. Built once for many files: it compares
-    strings, about 1 us a file where pathlib takes 15.
+    strings, about 2 us a file where pathlib takes 15.
     """
     # Innermost roots first, each as "root/" so "data" does not claim "data2/x.png".
     folders = sorted((os.fspath(root) for root in _as_list(roots)), key=len, reverse=True)
