@@ -344,6 +344,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     else:
         where += ": the machine this card was built on, as the run did not record its own"
     minutes, seconds = divmod(round(t["wall_seconds"]), 60)
+    # The rebuild hint keeps the thread count the training ran with, where the run recorded it.
+    threads = f"OMP_NUM_THREADS={hw['omp_num_threads']} " if t["hardware_recorded"] and hw.get("omp_num_threads") else ""
     lines = [
         f"# `{name}`: {card['description']}",
         "",
@@ -365,7 +367,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"      {t['command']}",
         "",
         f"- {t['steps']:,} steps in {minutes} min {seconds:02d} s of training ({where}).",
-        f"- Rebuild this model and card: `OMP_NUM_THREADS=1 .venv/bin/python tools/build_models.py {name}` "
+        f"- Rebuild this model and card: `{threads}.venv/bin/python tools/build_models.py {name}` "
         "(trains, then evaluates).",
         "",
         "## Evaluation",
