@@ -141,7 +141,8 @@ def encode_files(
     sink = (_TokenShard(out, part, model.config.quantizer.codebook_size, fields["fingerprint"], report) if shard
             else _TokenFiles(out, model, codec, stages, report))
 
-    # Files are named when written, on the writer thread, so a run spends nothing on names before its first batch.
+    # A shard run names its files when it writes them, on the writer thread, so it spends nothing on names before
+    # its first batch; a .vqt run names them up front too, to skip those already written.
     source = data.relative_namer(inputs)
 
     todo = sink.select(take_part(paths, part), source, force, notify)
