@@ -22,7 +22,9 @@ from vqtok.data.readers import PENDING_BATCHES, Chunk, ShapeGroup, batch_rows, s
 from vqtok.errors import VqtokError
 from vqtok.jobs.encoding import (OrderedWriter, forward_threads, one_intra_op_thread, parallel_map, parse_part,
                                  process_part, take_part)
-from vqtok.jobs.pipeline import CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, encode_batch, encode_files
+from vqtok.jobs import pipeline
+from vqtok.jobs.pipeline import (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, ENCODE_JOB_FILES, encode_batch, encode_files,
+                                 encode_job_files)
 from vqtok.modelfile import load, save_model
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens.shards import TokenDataset
@@ -105,6 +107,24 @@ def test_outputs_do_not_depend_on_workers_or_batch_size(model_path: Path, images
                           num_workers=workers, shard=shard)
     assert not report.failed and report.tokens == 40 * 2 * 49 + 2 * (2 * 10 * 6) + 2 * 4 * 13 + 2 * 8 * 8
     assert tree(tmp_path) == whole["shard" if shard else "vqt"]
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_workers_that_only_decode_give_the_same_outputs(model_path: Path, images: Path, tmp_path: Path,
+                                                       whole: dict, shard: bool, monkeypatch) -> None:
+    """The path of an accelerator, and of a CPU whose workers cannot fork: workers decode, this process encodes
+    and writes."""
+    monkeypatch.setattr(pipeline, "FORKED_WORKERS", False)
+    report = encode_files(model_path, [images], tmp_path, device="cpu", batch_size=5, num_workers=2, shard=shard)
+    assert not report.failed
+    assert tree(tmp_path) == whole["shard" if shard else "vqt"]
+
+
+def test_encode_jobs_fill_batches_and_share_short_lists() -> None:
+    assert encode_job_files(10_000, 32, 2) == ENCODE_JOB_FILES  # whole batches of small images
+    assert encode_job_files(10_000, 1000, 2) == 1000
+    assert encode_job_files(100, 32, 2) == 13  # 8 jobs: both workers busy to the end
+    assert encode_job_files(1, 32, 16) == 1
 
 
 def test_parallel_map_keeps_the_order_and_raises_the_first_error() -> None:

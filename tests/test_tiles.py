@@ -171,10 +171,11 @@ def test_decode_files_tiles_images_above_the_limit(model_file, tmp_path: Path, m
     assert torch.equal(written, original(model, codes, size=(HEIGHT, WIDTH)))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_encode_files_tiles_images_above_the_limit(model_file, tmp_path: Path, monkeypatch, workers: int) -> None:
-    """Above the limit, `vqtok encode` goes through encode_tiled (alone: no batch runs beside its kernel switch),
-    and small images of the same run through batches."""
+@pytest.mark.parametrize("workers, forked", [(0, True), (2, True), (2, False)])
+def test_encode_files_tiles_images_above_the_limit(model_file, tmp_path: Path, monkeypatch, workers: int,
+                                                   forked: bool) -> None:
+    """Above the limit, `vqtok encode` goes through encode_tiled (in this process alone: no batch runs beside its
+    kernel switch; or in a worker), and small images of the same run through batches."""
     path, model = model_file
     folder = tmp_path / "in"
     folder.mkdir()
@@ -182,18 +183,20 @@ def test_encode_files_tiles_images_above_the_limit(model_file, tmp_path: Path, m
     Image.fromarray(big.permute(1, 2, 0).numpy()).save(folder / "big.png")
     for i in range(5):
         Image.fromarray(small.permute(1, 2, 0).numpy()).save(folder / f"small{i}.png")
-    calls = []
+    calls = tmp_path / "calls"  # a file, so that worker processes can report their calls too
     original = tiles.encode_tiled
 
     def spy(model_, image, stages=None):
-        calls.append(tuple(image.shape))
+        with open(calls, "a") as log:
+            log.write(f"{tuple(image.shape)}\n")
         return original(model_, image, stages)
 
     monkeypatch.setattr(tiles, "WHOLE_IMAGE_PIXELS", 40 * 36)
     monkeypatch.setattr(pipeline, "encode_tiled", spy)
+    monkeypatch.setattr(pipeline, "FORKED_WORKERS", forked)
     report = pipeline.encode_files(path, [folder], tmp_path / "t", device="cpu", num_workers=workers)
     assert len(report.written) == 6 and not report.failed
-    assert calls == [(3, *data.pad_to_multiple(big, model.hop)[0].shape[-2:])]
+    assert calls.read_text().splitlines() == [str((3, *data.pad_to_multiple(big, model.hop)[0].shape[-2:]))]
     tokens = read_tokens(tmp_path / "t" / "big.png.vqt").codes
     assert np.array_equal(tokens, original(model, big).numpy())
 

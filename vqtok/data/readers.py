@@ -1,7 +1,8 @@
 """Image files to batches for the model: decoded and padded in DataLoader worker processes, regrouped by shape.
 
-`decoded_chunks` reads files in consecutive chunks, each chunk in one worker process (or in the calling
-process with 0 workers), and returns them in file order; `shape_batches` turns the chunks into batches of
+`worker_jobs` runs a function on consecutive ranges of files, each range in one worker process (or in the
+calling process with 0 workers), and returns the results in file order. `decoded_chunks` uses it to read
+files in chunks (a CPU encode goes further and encodes them in the workers too, see vqtok.jobs.pipeline); `shape_batches` turns the chunks into batches of
 images that share a padded shape. A file that cannot be read travels back as its one-line reason and is
 handed to the caller's `on_error`, so one bad file never stops a run.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +38,13 @@ PENDING_BATCHES = 4
 # forkserver re-import torch, ~1 s per worker). They only run Pillow and CPU tensor code, never CUDA.
 _START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
+# Whether `worker_jobs` may run any callable, closures included: forked workers inherit it instead of unpickling it.
+FORKED_WORKERS = _START_METHOD == "fork"
+
 # (file index, original (h, w)) of each image in a batch.
 BatchItems = list[tuple[int, tuple[int, int]]]
+
+T = TypeVar("T")
 
 
 class ShapeGroup(NamedTuple):
@@ -83,7 +89,7 @@ def default_workers() -> int:
     return max(1, min(8, available_cores() // 2))
 
 
-class ImageFiles(Dataset):
+class ImageFiles:
     """Item i of `paths`, decoded and edge-padded to multiples of `multiple`:
     (i, uint8 (3, H, W), original (h, w)), or (i, None, one-line reason) when the file cannot be read."""
 
@@ -116,20 +122,58 @@ def group_by_shape(items: list[tuple[int, np.ndarray | None, tuple[int, int] | s
                   for g in groups.values()], errors)
 
 
+class DecodeChunk:
+    """A `worker_jobs` job: files -> their Chunk (decoded, padded, grouped by shape)."""
+
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __call__(self, indices: range) -> Chunk:
+        return group_by_shape([self.files[i] for i in indices])
+
+
 def decoded_chunks(paths: Sequence[Path], multiple: int, chunk_size: int, workers: int) -> Iterator[Chunk]:
     """Chunks of `chunk_size` consecutive files, decoded by `workers` processes (0: in this process), in order.
 
     The workers start (fork) here, not on the first `next`. Each runs torch with one thread (DataLoader sets
     it), so workers and the model's threads can be counted against the cores.
     """
-    workers = min(workers, -(-len(paths) // chunk_size))
-    loader = DataLoader(
-        ImageFiles(paths, multiple), batch_size=chunk_size, shuffle=False, num_workers=workers,
-        collate_fn=group_by_shape, multiprocessing_context=_START_METHOD if workers else None,
-        # Without its own generator the loader draws its workers' base seed from the global RNG, and running
-        # an encode would change what the caller's next random numbers are.
-        generator=torch.Generator(),
-    )
+    return worker_jobs(len(paths), chunk_size, workers, DecodeChunk(ImageFiles(paths, multiple)))
+
+
+class _Jobs(Dataset):
+    """Job j of `count` files taken `job_files` at a time: run(range of file indices)."""
+
+    def __init__(self, count: int, job_files: int, run: Callable[[range], object]) -> None:
+        self.count, self.job_files, self.run = count, job_files, run
+
+    def __len__(self) -> int:
+        return -(-self.count // self.job_files)
+
+    def __getitem__(self, job: int) -> object:
+        start = job * self.job_files
+        return self.run(range(start, min(self.count, start + self.job_files)))
+
+
+def _as_is(result: T) -> T:
+    return result
+
+
+def worker_jobs(count: int, job_files: int, workers: int, run: Callable[[range], T]) -> Iterator[T]:
+    """run(files) for consecutive ranges of `job_files` file indices out of `count`, in `workers` processes
+    (0: in this process), yielded in order.
+
+    For work whose result is much smaller than its input, such as encoding images to codes on a CPU: each worker
+    runs torch on one thread (DataLoader sets it) and sends back only what `run` returns, pickled through the
+    pipe (return numpy arrays, not tensors, which would go through shared memory). At most 2 jobs per worker
+    are in flight. `run` must be picklable unless FORKED_WORKERS.
+    """
+    workers = min(workers, -(-count // job_files))
+    loader = DataLoader(_Jobs(count, job_files, run), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        multiprocessing_context=_START_METHOD if workers else None,
+                        # Without its own generator the loader draws its workers' base seed from the global RNG,
+                        # and running an encode would change what the caller's next random numbers are.
+                        generator=torch.Generator())
     return iter(loader)
 
 

@@ -97,9 +97,10 @@ def rank_device(device: torch.device) -> torch.device:
 class OrderedWriter:
     """Write results on a background thread, in file order, so writing overlaps decoding and the model.
 
-    The encode loop calls `put(items, codes)` with a batch of codes (B, S, *grid) (on any device: the copy to
-    the CPU happens on the writer thread) and `fail(index, reason)` for a file that could not be encoded.
-    The thread calls `write(index, codes (S, *grid) numpy, extra)` or `failed(index, reason)` for files
+    The encode loop calls `put(items, codes)` with a batch of codes (B, S, *grid) (a tensor on any device: the
+    copy to the CPU happens on the writer thread; or a numpy array, or one result per item) and
+    `fail(index, reason)` for a file that could not be encoded. The thread calls
+    `write(index, codes (S, *grid) numpy or the item's result, extra)` or `failed(index, reason)` for files
     0, 1, 2... strictly in order, holding results that arrive early; so a shard lists its items in file order
     and a report lists files in the same order whatever the batching.
 
@@ -130,8 +131,9 @@ class OrderedWriter:
             self._queue.put(None)
             self._thread.join()
 
-    def put(self, items: Sequence[tuple[int, dict]], codes: torch.Tensor) -> None:
-        """Queue a batch: (file index, extra header fields) per item, codes (B, S, *grid) in the same order."""
+    def put(self, items: Sequence[tuple[int, dict]], codes: torch.Tensor | Sequence) -> None:
+        """Queue a batch: (file index, extra header fields) per item, codes (B, S, *grid) or one result per
+        item in the same order."""
         self._send(("codes", list(items), codes))
 
     def fail(self, index: int, reason: str) -> None:
@@ -168,7 +170,7 @@ class OrderedWriter:
         if kind == "failed":
             self._early[first] = (self._failed, (second,))
         else:
-            for (index, extra), codes in zip(first, second.cpu().numpy()):
+            for (index, extra), codes in zip(first, second.cpu().numpy() if torch.is_tensor(second) else second):
                 self._early[index] = (self._write, (codes, extra))
         while self._next in self._early:
             call, args = self._early.pop(self._next)

@@ -16,17 +16,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from vqtok.atomic import write_bytes_atomic
 from vqtok.data import io as data
-from vqtok.data.readers import (BatchItems, available_cores, batch_rows, decoded_chunks, default_workers,
-                                shape_batches)
-from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
+from vqtok.data.readers import (FORKED_WORKERS, BatchItems, ImageFiles, available_cores, batch_rows, decoded_chunks,
+                                default_workers, group_by_shape, shape_batches, worker_jobs)
 from vqtok.device import pick_device
+from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
 from vqtok.jobs.encoding import (OrderedWriter, Part, SharedOrAlone, check_shard_split, forward_threads,
                                  one_intra_op_thread, parallel_map, process_part, rank_device, shard_name, take_part)
 from vqtok.jobs.tiles import checked_image_size, decode_tiled, encode_tiled, needs_tiles
@@ -48,6 +48,12 @@ CPU_BATCH_IMAGES = 64
 CPU_BATCH_PIXELS = 1 << 17
 DEVICE_BATCH_IMAGES = 256
 DEVICE_BATCH_PIXELS = 1 << 22
+
+# Files per job of a CPU encode in worker processes (see `encode_image_files`). Each job costs this process a
+# fixed ~1 ms (the DataLoader's bookkeeping, unpickling), 4% of a job of 64 32x32 images (CIFAR-10 into a
+# shard: 4,300 images/s with jobs of 64, 4,800 with 256); a job's memory does not grow with its files (it
+# decodes them one by one into batches, see `EncodeJob`).
+ENCODE_JOB_FILES = 256
 
 # Called once per input file with (path, outcome) where outcome is "written", "exists" or "failed".
 FileCallback = Callable[[Path, str], None]
@@ -115,9 +121,10 @@ def encode_files(
     """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
     out/a/b.jpg.vqt); files whose token file exists are skipped unless `force`.
 
-    Images are decoded by `num_workers` processes (default: `default_workers()`; 0 decodes in this process),
-    `batch_size` files at a time, while the model encodes batches of one padded shape, sized by that shape
-    (CPU_BATCH_* / DEVICE_BATCH_*); token files are written on a background thread. The codes do not depend on
+    Images are decoded by `num_workers` processes (default: `encode_workers`; 0 decodes in this process),
+    `batch_size` files at a time (on a CPU see `encode_job_files`, and encoded there too), and the model
+    encodes batches of one padded shape, sized by that shape (CPU_BATCH_* / DEVICE_BATCH_*); token files are
+    written on a background thread (see `encode_image_files`). The codes do not depend on
     `num_workers`, `batch_size` or `part` (see `encode_batch`). Memory follows the batch sizes and queue depths
     (vqtok.data.readers, vqtok.jobs.encoding), not the number of files.
 
@@ -147,10 +154,25 @@ def encode_files(
 
     todo = sink.select(take_part(paths, part), source, force, notify)
 
-    def write(index: int, codes: np.ndarray, extra: dict) -> None:
+    def store(index: int, codes: np.ndarray, extra: dict) -> Stored | VqtokError:
+        """Write one .vqt file, in a worker process (see `encode_image_files`); its error goes back as data,
+        to be raised here with its one line (a DataLoader would add the worker's traceback)."""
         name = source(todo[index])
-        sink.write(name, codes, {**fields, **extra, "source": name})
-        report.tokens += codes.size
+        try:
+            return Stored(codes.size, sink.store(name, codes, {**fields, **extra, "source": name}))
+        except VqtokError as err:
+            return err
+
+    def write(index: int, result: np.ndarray | Stored | VqtokError, extra: dict) -> None:
+        name = source(todo[index])
+        if isinstance(result, VqtokError):
+            raise result
+        if isinstance(result, Stored):
+            sink.record(name, result.bytes)
+            report.tokens += result.tokens
+        else:
+            sink.write(name, result, {**fields, **extra, "source": name})
+            report.tokens += result.size
         notify(todo[index], "written")
 
     def failed(index: int, reason: str) -> None:
@@ -163,7 +185,8 @@ def encode_files(
                 encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS)
             else:
                 encode_image_files(model, todo, writer, stages, batch_size,
-                                   default_workers() if num_workers is None else num_workers)
+                                   encode_workers(dev) if num_workers is None else num_workers,
+                                   store if isinstance(sink, _TokenFiles) else None)
     except BaseException:
         sink.abort()
         raise
@@ -212,6 +235,11 @@ class _TokenFiles:
         return left
 
     def write(self, source: str, codes: np.ndarray, header: dict) -> None:
+        self.record(source, self.store(source, codes, header))
+
+    def store(self, source: str, codes: np.ndarray, header: dict) -> int:
+        """Write the token file of `source` (relative name) -> its bytes. Changes nothing but the file, so
+        worker processes can call it."""
         target = self.target(source)
         # --codec entropy falls back to packed for a file it would make larger (see encode_with_fallback).
         blob = encode_with_fallback(codes, header, codebook_size=self.codebook_size, codec=self.codec,
@@ -220,8 +248,12 @@ class _TokenFiles:
             write_bytes_atomic(target, blob)
         except OSError as err:
             raise VqtokError(f"{target}: cannot write the token file ({err.strerror or err})") from None
-        self.report.bytes += len(blob)
-        self.report.written.append(target)
+        return len(blob)
+
+    def record(self, source: str, size: int) -> None:
+        """Count the token file of `source`, `size` bytes, written by `store`."""
+        self.report.bytes += size
+        self.report.written.append(self.target(source))
 
     def finish(self) -> None:
         """Every token file is complete once written."""
@@ -291,34 +323,104 @@ def encode_batch(model: Tokenizer, batch: torch.Tensor, stages: int | None, rows
     return codes.reshape(images, *z.shape[2:], -1).movedim(-1, 1)
 
 
+def encode_images(model: Tokenizer, batch: torch.Tensor, stages: int | None, images: int,
+                  pixels: int) -> torch.Tensor:
+    """uint8 images of one padded shape (B, 3, H, W) -> codes (B, S, H/f, W/f): a large image in tiles (memory
+    bounded by one window), smaller ones as one batch of `batch_rows(shape, images, pixels)` rows."""
+    if needs_tiles(*batch.shape[-2:]):
+        return torch.stack([encode_tiled(model, image, stages) for image in batch])
+    dev = next(model.parameters()).device
+    return encode_batch(model, batch.to(dev), stages, batch_rows(batch.shape, images, pixels))
+
+
+class Stored(NamedTuple):
+    """A token file written in a worker process: its tokens and bytes."""
+
+    tokens: int
+    bytes: int
+
+
+# Writes one file's token file in a worker: (file index, codes (S, h, w), extra header fields) -> what it wrote.
+StoreFile = Callable[[int, np.ndarray, dict], "Stored | VqtokError"]
+
+
+def image_fields(size: tuple[int, int]) -> dict:
+    """The header fields an image's token file adds: its original (h, w)."""
+    return {"original_size": list(size)}
+
+
+class EncodeJob:
+    """A `worker_jobs` job for a CPU encode: decode a range of files one by one, encode them as batches of one
+    padded shape fill (`shape_batches`, CPU_BATCH_*), and send back, per batch, the file items with their
+    codes (B, S, h, w) numpy, or with `store`, what it wrote for each file; and [(file index, reason)] for the
+    files that could not be read."""
+
+    def __init__(self, model: Tokenizer, paths: Sequence[Path], stages: int | None,
+                 store: StoreFile | None = None) -> None:
+        self.model, self.files, self.stages, self.store = model, ImageFiles(paths, model.hop), stages, store
+
+    def __call__(self, indices: range) -> tuple[list[tuple[BatchItems, object]], list[tuple[int, str]]]:
+        errors: list[tuple[int, str]] = []
+        chunks = (group_by_shape([self.files[i]]) for i in indices)
+        encoded = []
+        for items, batch in shape_batches(chunks, CPU_BATCH_IMAGES, lambda i, why: errors.append((i, why)),
+                                          CPU_BATCH_PIXELS):
+            codes = encode_images(self.model, batch, self.stages, CPU_BATCH_IMAGES, CPU_BATCH_PIXELS).numpy()
+            if self.store is not None:
+                codes = [self.store(i, c, image_fields(size)) for (i, size), c in zip(items, codes)]
+            encoded.append((items, codes))
+        return encoded, errors
+
+
 def encode_image_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
-                       batch_size: int, workers: int) -> None:
+                       batch_size: int, workers: int, store: StoreFile | None = None) -> None:
     """Encode images, handing each batch's codes to `writer` with the file indices into `paths`.
 
-    `workers` processes decode `batch_size` files at a time while this one runs the model: on a CPU on one
-    thread per core, each encoding its own batch with single-threaded operations (see
-    vqtok.jobs.encoding.one_intra_op_thread); on an accelerator one batch at a time.
+    On a CPU with `workers` > 0 (on Linux, see FORKED_WORKERS), each worker process decodes and encodes its
+    own files on one thread (`EncodeJob`, `encode_job_files` files at a time) and sends back only codes: the
+    cores run the decoder and the model with no image crossing between processes and no thread of this one
+    waiting for the interpreter lock. With `store` the workers write the token files too, and `writer` gets
+    what they wrote. Otherwise `workers` processes (or this one) decode `batch_size` files at a time while
+    this one runs the model: on a CPU on one thread per core, each encoding its own batch with
+    single-threaded operations (see vqtok.jobs.encoding.one_intra_op_thread); on an accelerator one batch at
+    a time.
     """
-    dev = next(model.parameters()).device
-    cpu = dev.type == "cpu"
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu and workers and FORKED_WORKERS:  # EncodeJob holds the model and `store` holds closures
+        job_files = encode_job_files(len(paths), batch_size, workers)
+        for encoded, errors in worker_jobs(len(paths), job_files, workers, EncodeJob(model, paths, stages, store)):
+            for index, reason in errors:
+                writer.fail(index, reason)
+            for items, results in encoded:
+                writer.put([(i, image_fields(size)) for i, size in items], results)
+        return
+
     chunks = decoded_chunks(paths, model.hop, batch_size, workers)
     images, pixels = (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS) if cpu else (DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS)
-
     kernels = SharedOrAlone()
 
     def encode(items: BatchItems, batch: torch.Tensor) -> tuple[list[tuple[int, dict]], torch.Tensor]:
-        if needs_tiles(*batch.shape[-2:]):  # large images: in tiles, memory bounded by one window
-            with kernels.alone():
-                codes = torch.stack([encode_tiled(model, image, stages) for image in batch])
-        else:
-            with kernels.shared():
-                codes = encode_batch(model, batch.to(dev), stages, batch_rows(batch.shape, images, pixels))
-        return [(i, {"original_size": list(size)}) for i, size in items], codes
+        # A tiled encode switches oneDNN off process-wide, so it runs alone.
+        with kernels.alone() if needs_tiles(*batch.shape[-2:]) else kernels.shared():
+            codes = encode_images(model, batch, stages, images, pixels)
+        return [(i, image_fields(size)) for i, size in items], codes
 
     batches = shape_batches(chunks, images, writer.fail, pixels)
     with one_intra_op_thread() if cpu else contextlib.nullcontext():
         for items, codes in parallel_map(encode, batches, forward_threads(available_cores()) if cpu else 1):
             writer.put(items, codes)
+
+
+def encode_workers(device: torch.device) -> int:
+    """Default worker processes for an image encode: on a CPU one per core, at most 16 (each encodes, see
+    `encode_image_files`); on an accelerator `default_workers()` (they only decode)."""
+    return max(1, min(16, available_cores())) if device.type == "cpu" else default_workers()
+
+
+def encode_job_files(files: int, batch_size: int, workers: int) -> int:
+    """Files per `EncodeJob`: `batch_size`, at least ENCODE_JOB_FILES, but no more than a quarter of each
+    worker's share of the files, so the workers finish together on a short list of large photos."""
+    return max(1, min(max(batch_size, ENCODE_JOB_FILES), -(-files // (4 * workers))))
 
 
 def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
