@@ -67,3 +67,22 @@ def test_a_write_into_a_missing_folder_makes_it_and_a_file_in_the_way_fails(tmp_
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(OSError):
         write_bytes_atomic(tmp_path / "file" / "c.vqt", b"x")
+
+
+def test_a_folder_made_by_another_writer_meanwhile_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two encode workers write the first files of a new folder at once: one's open fails for the missing folder,
+    # the other makes it before the first looks. The first must then write into it, not fail.
+    import vqtok.atomic as atomic
+
+    real_open = os.open
+    folder = tmp_path / "new"
+
+    def open_racing(path, flags, mode=0o777):
+        if not folder.exists():
+            folder.mkdir()  # the other writer, between this open and the folder check
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(atomic.os, "open", open_racing)
+    write_bytes_atomic(folder / "c.vqt", b"x")
+    assert (folder / "c.vqt").read_bytes() == b"x"

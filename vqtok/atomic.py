@@ -28,6 +28,7 @@ def _create_beside(target: str) -> tuple[int, str]:
     """
     folder, name = os.path.split(target)
     suffix = os.path.splitext(name)[1]
+    made_folder = False
     while True:
         tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_COUNTER)}.tmp{suffix}")
         try:
@@ -35,9 +36,12 @@ def _create_beside(target: str) -> tuple[int, str]:
         except FileExistsError:  # left by a crashed process that had this process id: take the next name
             continue
         except FileNotFoundError:
-            if not folder or os.path.isdir(folder):
+            # Make the folder and try once more; it may have appeared meanwhile (encode workers write into
+            # the same new folders at once), so only a second failure is an error.
+            if not folder or made_folder:
                 raise
             os.makedirs(folder, exist_ok=True)
+            made_folder = True
 
 
 @contextlib.contextmanager
