@@ -14,10 +14,13 @@ model (`ModelConfig()`, untrained: the forward cost does not depend on the weigh
   also give their ratio to B_w = cores / (decode + forward + write), what an encode that writes one file per
   image could reach;
 - encode: `encode_files` (the work of `vqtok encode`) end to end, files on disk -> .vqt files and -> one
-  --shard, with 0, 1 and 2 decoding workers: images/s (files / the run's own seconds: model load, file walk
-  and writing included), its ratio to B, and the CPU time it took per image (this process and its workers),
-  which a busy machine inflates far less than the wall clock: decode + forward over it is the share of the
-  work that was decoding and the model, the rest being the pipeline's own costs;
+  --shard, with 0, 1 and 2 workers (on a CPU each worker decodes, encodes and writes its share; 0: all in one
+  process): images/s (files / the run's own seconds: model load, file walk and writing included), its ratio
+  to B, and the CPU time it took per image (this process and its workers), which a busy machine inflates far
+  less than the wall clock: decode + forward over it is the share of the work that was decoding and the
+  model, the rest being the pipeline's own costs. The speed of this kind of virtual machine drifts by up to
+  30% within minutes, so each run's ratios use decode and forward timed again on a small sample just before
+  and just after it (the B row is the first, fuller measurement);
 - train: `vqtok train --num-workers W` images/s (steps_per_second x batch size) with 0, 1 and 2 workers
   (CIFAR: batches of 128 32x32 crops; BSDS: 16 crops of 128x128).
 
@@ -45,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,6 +95,17 @@ def forward_seconds(model: Tokenizer, paths: list[Path], repeats: int) -> float:
     return best_seconds(lambda: [encode_batch(model, b, None, r) for b, r in zip(batches, rows)], repeats) / len(paths)
 
 
+def part_seconds(model: Tokenizer, decode_paths: list[Path], forward_paths: list[Path],
+                 repeats: int) -> tuple[float, float]:
+    """(decode, forward) core-seconds per image on one thread (`decode_seconds`, `forward_seconds`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return (decode_seconds(decode_paths, model.hop, repeats), forward_seconds(model, forward_paths, repeats))
+    finally:
+        torch.set_num_threads(threads)  # encode picks its own thread count within the caller's
+
+
 def settle() -> None:
     """Write dirty pages out before a timed run, so it never pays for the previous step's writeback. It also
     shortens a cost that deleting files leaves behind: ext4's inode allocator steps over every inode freed in
@@ -132,22 +146,28 @@ def cpu_seconds() -> tuple[float, float]:
     return sum(r.ru_utime + r.ru_stime for r in usage), sum(r.ru_stime for r in usage)
 
 
-def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """images/s and CPU ms per image of an encode to .vqt files and to a shard, for each worker count."""
+def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path,
+                parts: Callable[[], tuple[float, float]]) -> dict[str, dict[int, dict[str, float]]]:
+    """images/s and CPU ms per image of an encode to .vqt files and to a shard, for each worker count, and the
+    (decode, forward) seconds per image `parts()` measures just before and just after each run (their means)."""
     runs: dict[str, dict[int, dict[str, float]]] = {"vqt": {}, "shard": {}}
     for kind in runs:
         for workers in WORKERS:
             out = tmp / f"{folder.name}-encode-{kind}-{workers}"
+            before = parts()
             settle()
             start = cpu_seconds()
             report = encode_files(model_path, [folder], out, device="cpu", num_workers=workers, shard=kind == "shard")
             if report.failed:
                 raise SystemExit(f"encode of {folder} skipped files: {report.failed[:3]}")
             (cpu, kernel), (cpu_start, kernel_start) = cpu_seconds(), start
+            after = parts()
             runs[kind][workers] = {"images_per_second": files / report.seconds,
                                    "cpu_ms_per_image": 1e3 * (cpu - cpu_start) / files,
                                    "kernel_ms_per_image": 1e3 * (kernel - kernel_start) / files,
-                                   "bytes_per_image": report.bytes / files}
+                                   "bytes_per_image": report.bytes / files,
+                                   "decode_ms_around": 500 * (before[0] + after[0]),
+                                   "forward_ms_around": 500 * (before[1] + after[1])}
             # Outputs stay until the end: on an ext4 without a journal, files created within ~30 s of many
             # deletions cost 5-20x more (the inode allocator steps over each recently freed inode), so deleting a
             # run's 10,000 files would slow the next run's.
@@ -181,18 +201,17 @@ def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tu
     model = Tokenizer(ModelConfig(image_size=image_size)).eval()
     model_path = tmp / f"{name}.safetensors"
     save_model(model, model_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     # Timing the model on a few hundred 32x32 images or a dozen photos is as exact as on all of them.
     sample = paths[:: max(1, len(paths) // 2000)] if image_size <= 64 else paths[:: max(1, len(paths) // 12)]
-    decode_s = decode_seconds(paths[:: max(1, len(paths) // 2000)], model.hop, repeats)
-    forward_s = forward_seconds(model, sample, repeats)
-    torch.set_num_threads(threads)  # encode picks its own thread count within the caller's
+    decode_s, forward_s = part_seconds(model, paths[:: max(1, len(paths) // 2000)], sample, repeats)
     cores = available_cores()
     bound = cores / (decode_s + forward_s)
     print(f"{name}: {len(paths)} files ({size_bytes / 2**20:.1f} MiB), decode {1e3 * decode_s:.3f} ms, "
           f"forward {1e3 * forward_s:.3f} ms per image, bound {bound:.1f} images/s on {cores} cores", file=sys.stderr)
-    encode = encode_runs(model_path, folder, len(paths), tmp)
+    # Around each encode run, the parts again on a smaller sample: this machine's speed drifts by up to 30% within
+    # minutes, so each run is compared with the bound of its own minutes.
+    small = sample[:: max(1, len(sample) // (500 if image_size <= 64 else 6))]
+    encode = encode_runs(model_path, folder, len(paths), tmp, lambda: part_seconds(model, small, small, 1))
     vqt_bytes = round(np.mean([run["bytes_per_image"] for run in encode["vqt"].values()]))
     write_s = write_seconds([p.relative_to(folder) for p in paths], vqt_bytes, tmp / f"{name}-writes", repeats)
     steps, batch_size, crop = train
@@ -223,9 +242,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         for kind, label in (("vqt", "encode -> .vqt files"), ("shard", "encode -> --shard")):
             for workers, run in r["encode"][kind].items():
                 rate, cpu = run["images_per_second"], run["cpu_ms_per_image"]
-                versus_w = f"{rate / bound_w:.2f}" if kind == "vqt" else ""
-                lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound:.2f} | {versus_w} | "
-                             f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {work / cpu:.2f} |")
+                local = run["decode_ms_around"] + run["forward_ms_around"]  # the parts in this run's minutes
+                bound_here, bound_w_here = 1e3 * r["cores"] / local, 1e3 * r["cores"] / (local + r["write_ms"])
+                versus_w = f"{rate / bound_w_here:.2f}" if kind == "vqt" else ""
+                lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound_here:.2f} | {versus_w} | "
+                             f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {local / cpu:.2f} |")
         for workers, rate in r["train"]["images_per_second"].items():
             lines.append(f"| {name} | train (batch {r['train']['batch_size']}, {r['train']['crop']} px crops) "
                          f"| {workers} | {rate:.1f} | | | | |")
