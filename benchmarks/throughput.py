@@ -26,6 +26,7 @@ model (`ModelConfig()`, untrained: the forward cost does not depend on the weigh
 
     python benchmarks/throughput.py                      # about 4-5 minutes on 2 cores
     python benchmarks/throughput.py --cifar 2000 --train-steps 0
+    python benchmarks/throughput.py --device cuda        # the model on a GPU: B is its forward-only rate there
 
 Every run reads a copy of the files made in a temporary folder just before (so the page cache holds them)
 and starts after a sync (`settle`), so it never pays for writing back the previous step's files;
@@ -61,8 +62,11 @@ from vqtok.allocator import keep_freed_memory  # noqa: E402
 from vqtok.atomic import write_bytes_atomic  # noqa: E402
 from vqtok.config import ModelConfig  # noqa: E402
 from vqtok.data import io as data  # noqa: E402
+from vqtok.device import pick_device  # noqa: E402
+from vqtok.errors import VqtokError  # noqa: E402
 from vqtok.data.readers import ImageFiles, available_cores, batch_rows, decoded_chunks, shape_batches  # noqa: E402
-from vqtok.jobs.pipeline import CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, encode_batch, encode_files  # noqa: E402
+from vqtok.jobs.pipeline import (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS,  # noqa: E402
+                                 encode_batch, encode_files)
 from vqtok.modelfile import save_model  # noqa: E402
 from vqtok.nets.tokenizer import Tokenizer  # noqa: E402
 
@@ -88,16 +92,21 @@ def decode_seconds(paths: list[Path], multiple: int, repeats: int) -> float:
 
 
 def forward_seconds(model: Tokenizer, paths: list[Path], repeats: int) -> float:
-    """Core-seconds per image of the model alone (one thread), in the batches `vqtok encode` forms on a CPU."""
-    chunks = decoded_chunks(paths, model.hop, CPU_BATCH_IMAGES, 0)
-    batches = [b for _, b in shape_batches(chunks, CPU_BATCH_IMAGES, lambda i, why: None, CPU_BATCH_PIXELS)]
-    rows = [batch_rows(b.shape, CPU_BATCH_IMAGES, CPU_BATCH_PIXELS) for b in batches]
-    return best_seconds(lambda: [encode_batch(model, b, None, r) for b, r in zip(batches, rows)], repeats) / len(paths)
+    """Seconds per image of the model alone, in the batches `vqtok encode` forms on the model's device: on a CPU
+    core-seconds (one thread); on an accelerator from uint8 images in host memory to codes back in it."""
+    cpu = next(model.parameters()).device.type == "cpu"
+    images, pixels = (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS) if cpu else (DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS)
+    chunks = decoded_chunks(paths, model.hop, images, 0)
+    batches = [b for _, b in shape_batches(chunks, images, lambda i, why: None, pixels)]
+    rows = [batch_rows(b.shape, images, pixels) for b in batches]
+    # .cpu() waits for the device, as `vqtok encode`'s writer does.
+    return best_seconds(lambda: [encode_batch(model, b, None, r).cpu() for b, r in zip(batches, rows)],
+                        repeats) / len(paths)
 
 
 def part_seconds(model: Tokenizer, decode_paths: list[Path], forward_paths: list[Path],
                  repeats: int) -> tuple[float, float]:
-    """(decode, forward) core-seconds per image on one thread (`decode_seconds`, `forward_seconds`)."""
+    """(decode, forward) seconds per image on one thread (`decode_seconds`, `forward_seconds`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -146,8 +155,8 @@ def cpu_seconds() -> tuple[float, float]:
     return sum(r.ru_utime + r.ru_stime for r in usage), sum(r.ru_stime for r in usage)
 
 
-def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path,
-                parts: Callable[[], tuple[float, float]]) -> dict[str, dict[int, dict[str, float]]]:
+def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path, parts: Callable[[], tuple[float, float]],
+                device: str) -> dict[str, dict[int, dict[str, float]]]:
     """images/s and CPU ms per image of an encode to .vqt files and to a shard, for each worker count, and the
     (decode, forward) seconds per image `parts()` measures just before and just after each run (their means)."""
     runs: dict[str, dict[int, dict[str, float]]] = {"vqt": {}, "shard": {}}
@@ -157,7 +166,7 @@ def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path,
             before = parts()
             settle()
             start = cpu_seconds()
-            report = encode_files(model_path, [folder], out, device="cpu", num_workers=workers, shard=kind == "shard")
+            report = encode_files(model_path, [folder], out, device=device, num_workers=workers, shard=kind == "shard")
             if report.failed:
                 raise SystemExit(f"encode of {folder} skipped files: {report.failed[:3]}")
             (cpu, kernel), (cpu_start, kernel_start) = cpu_seconds(), start
@@ -174,7 +183,7 @@ def encode_runs(model_path: Path, folder: Path, files: int, tmp: Path,
     return runs
 
 
-def train_rates(folder: Path, tmp: Path, steps: int, batch_size: int, size: int) -> dict[int, float]:
+def train_rates(folder: Path, tmp: Path, device: str, steps: int, batch_size: int, size: int) -> dict[int, float]:
     """images/s of `vqtok train` (steps_per_second x batch size) for each worker count."""
     rates = {}
     for workers in WORKERS:
@@ -182,7 +191,7 @@ def train_rates(folder: Path, tmp: Path, steps: int, batch_size: int, size: int)
         settle()
         try:
             report = vqtok("train", folder, "--out", run, "--steps", steps, "--warmup", 1, "--batch-size", batch_size,
-                           "--size", size, "--checkpoint-every", steps, "--device", "cpu", "--num-workers", workers)
+                           "--size", size, "--checkpoint-every", steps, "--device", device, "--num-workers", workers)
         except SystemExit as err:
             print(f"train with --num-workers {workers} did not run: {err}", file=sys.stderr)
             return rates
@@ -192,8 +201,9 @@ def train_rates(folder: Path, tmp: Path, steps: int, batch_size: int, size: int)
 
 
 def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tuple[int, int, int],
-          tmp: Path, repeats: int) -> dict[str, Any]:
-    """Every figure for one data set; train = (steps, batch size, crop side), steps 0 skips training."""
+          tmp: Path, repeats: int, device: str) -> dict[str, Any]:
+    """Every figure for one data set; train = (steps, batch size, crop side), steps 0 skips training. On an
+    accelerator the bound is the model's forward-only rate there (decoding runs on the CPU beside it)."""
     folder = tmp / name
     size_bytes = copy_files(sources, root, folder)
     _, paths = data.find_inputs([folder])
@@ -203,50 +213,60 @@ def bench(name: str, sources: list[Path], root: Path, image_size: int, train: tu
     save_model(model, model_path)
     # Timing the model on a few hundred 32x32 images or a dozen photos is as exact as on all of them.
     sample = paths[:: max(1, len(paths) // 2000)] if image_size <= 64 else paths[:: max(1, len(paths) // 12)]
-    decode_s, forward_s = part_seconds(model, paths[:: max(1, len(paths) // 2000)], sample, repeats)
+    decode_s, forward_s = part_seconds(model.to(device), paths[:: max(1, len(paths) // 2000)], sample, repeats)
     cores = available_cores()
-    bound = cores / (decode_s + forward_s)
+    bound = cores / (decode_s + forward_s) if device == "cpu" else 1 / forward_s
     print(f"{name}: {len(paths)} files ({size_bytes / 2**20:.1f} MiB), decode {1e3 * decode_s:.3f} ms, "
           f"forward {1e3 * forward_s:.3f} ms per image, bound {bound:.1f} images/s on {cores} cores", file=sys.stderr)
     # Around each encode run, the parts again on a smaller sample: this machine's speed drifts by up to 30% within
     # minutes, so each run is compared with the bound of its own minutes.
     small = sample[:: max(1, len(sample) // (500 if image_size <= 64 else 6))]
-    encode = encode_runs(model_path, folder, len(paths), tmp, lambda: part_seconds(model, small, small, 1))
+    encode = encode_runs(model_path, folder, len(paths), tmp, lambda: part_seconds(model, small, small, 1), device)
     vqt_bytes = round(np.mean([run["bytes_per_image"] for run in encode["vqt"].values()]))
     write_s = write_seconds([p.relative_to(folder) for p in paths], vqt_bytes, tmp / f"{name}-writes", repeats)
     steps, batch_size, crop = train
-    return {"files": len(paths), "megabytes": size_bytes / 2**20, "cores": cores,
+    return {"files": len(paths), "megabytes": size_bytes / 2**20, "cores": cores, "device": device,
             "decode_images_per_second": 1 / decode_s, "forward_images_per_second": 1 / forward_s,
             "decode_ms": 1e3 * decode_s, "forward_ms": 1e3 * forward_s, "bound_images_per_second": bound,
             "write_ms": 1e3 * write_s, "vqt_bytes": vqt_bytes,
             "bound_with_writes_images_per_second": cores / (decode_s + forward_s + write_s), "encode": encode,
             "train": {"steps": steps, "batch_size": batch_size, "crop": crop,
-                      "images_per_second": train_rates(folder, tmp, *train) if steps else {}}}
+                      "images_per_second": train_rates(folder, tmp, device, *train) if steps else {}}}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
+    """The markdown table. On an accelerator B is the forward-only rate there, and B_w and the CPU-share column
+    are left out (decoding and writing run on the CPU beside the model)."""
     lines = ["| data | measure | workers | images/s | / B | / B_w | CPU ms per image (kernel) | decode + forward / CPU |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        device = r.get("device", "cpu")
+        cpu_bound = device == "cpu"
         bound, work = r["bound_images_per_second"], r["decode_ms"] + r["forward_ms"]
         bound_w = r["bound_with_writes_images_per_second"]
+        forward_label = "forward only (1 thread)" if cpu_bound else f"forward only ({device})"
         lines += [f"| {name} | decode only (1 thread) | - | {r['decode_images_per_second']:.1f} | | | "
                   f"{r['decode_ms']:.3f} | |",
-                  f"| {name} | forward only (1 thread) | - | {r['forward_images_per_second']:.1f} | | | "
+                  f"| {name} | {forward_label} | - | {r['forward_images_per_second']:.1f} | | | "
                   f"{r['forward_ms']:.3f} | |",
                   f"| {name} | write {r['vqt_bytes']}-byte token files only (1 thread) | - | "
-                  f"{1e3 / r['write_ms']:.1f} | | | {r['write_ms']:.3f} | |",
-                  f"| {name} | **bound B** ({r['cores']} cores) | - | {bound:.1f} | 1.00 | | {work:.3f} | 1.00 |",
-                  f"| {name} | **bound B_w** (B with file writes) | - | {bound_w:.1f} | {bound_w / bound:.2f} | 1.00 | "
-                  f"{work + r['write_ms']:.3f} | |"]
+                  f"{1e3 / r['write_ms']:.1f} | | | {r['write_ms']:.3f} | |"]
+        if cpu_bound:
+            lines += [f"| {name} | **bound B** ({r['cores']} cores) | - | {bound:.1f} | 1.00 | | {work:.3f} | 1.00 |",
+                      f"| {name} | **bound B_w** (B with file writes) | - | {bound_w:.1f} | {bound_w / bound:.2f} | "
+                      f"1.00 | {work + r['write_ms']:.3f} | |"]
+        else:
+            lines.append(f"| {name} | **bound B** (forward only, {device}) | - | {bound:.1f} | 1.00 | | | |")
         for kind, label in (("vqt", "encode -> .vqt files"), ("shard", "encode -> --shard")):
             for workers, run in r["encode"][kind].items():
                 rate, cpu = run["images_per_second"], run["cpu_ms_per_image"]
-                local = run["decode_ms_around"] + run["forward_ms_around"]  # the parts in this run's minutes
-                bound_here, bound_w_here = 1e3 * r["cores"] / local, 1e3 * r["cores"] / (local + r["write_ms"])
-                versus_w = f"{rate / bound_w_here:.2f}" if kind == "vqt" else ""
+                # The parts timed in this run's own minutes.
+                local = run["decode_ms_around"] + run["forward_ms_around"] if cpu_bound else run["forward_ms_around"]
+                bound_here = 1e3 * (r["cores"] if cpu_bound else 1) / local
+                versus_w = f"{rate * (local + r['write_ms']) / (1e3 * r['cores']):.2f}" if kind == "vqt" and cpu_bound else ""
+                share = f"{local / cpu:.2f}" if cpu_bound else ""
                 lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound_here:.2f} | {versus_w} | "
-                             f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {local / cpu:.2f} |")
+                             f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {share} |")
         for workers, rate in r["train"]["images_per_second"].items():
             lines.append(f"| {name} | train (batch {r['train']['batch_size']}, {r['train']['crop']} px crops) "
                          f"| {workers} | {rate:.1f} | | | | |")
@@ -259,21 +279,27 @@ def main() -> int:
     parser.add_argument("--cifar", type=int, default=10000, help="CIFAR-10 test files to use (sorted order)")
     parser.add_argument("--train-steps", type=int, default=30, help="steps per CIFAR training run; 0 skips training")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of decode-only and forward-only")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, or cuda (B is then the "
+                        "forward-only rate there; the goal is end to end >= 0.8 B)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     args = parser.parse_args()
     cifar, bsds = args.data / "cifar10" / "test", args.data / "bsds500"
     if not (cifar.is_dir() and bsds.is_dir()):
         print(f"skipped: the real data folder {args.data} (cifar10/test, bsds500) is absent")
         return 0
+    try:
+        pick_device(args.device)
+    except VqtokError as err:
+        raise SystemExit(f"error: {err}") from None
     keep_freed_memory()  # as `vqtok` does on start (vqtok.cli.main), so encode_files here runs as it does there
     results = {}
     with tempfile.TemporaryDirectory(prefix="vqtok-throughput-") as tmp:
         _, cifar_files = data.find_inputs([cifar])
         results["cifar10-test"] = bench("cifar10-test", cifar_files[: args.cifar], cifar, 32,
-                                        (args.train_steps, 128, 32), Path(tmp), args.repeats)
+                                        (args.train_steps, 128, 32), Path(tmp), args.repeats, args.device)
         _, bsds_files = data.find_inputs([bsds])
         results["bsds500"] = bench("bsds500", bsds_files, bsds, 320, (args.train_steps // 3, 16, 128), Path(tmp),
-                                   args.repeats)
+                                   args.repeats, args.device)
     print(table(results))
     print(f"({platform.processor() or platform.machine()}, {available_cores()} cores, torch {torch.__version__})")
     report = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
