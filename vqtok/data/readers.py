@@ -77,14 +77,14 @@ def available_cores() -> int:
 
 
 def default_workers() -> int:
-    """Decoding processes for `vqtok encode` and `vqtok train`: half the cores, at least 1, at most 8.
+    """Decoding processes for `vqtok train`, and for `vqtok encode` when the model runs on an accelerator (on a
+    CPU the encode workers run the model too, see vqtok.jobs.pipeline.encode_workers): half the cores, at
+    least 1, at most 8.
 
     Half, because with the default image model reading a file costs about as much as encoding it (CIFAR-10:
     0.17-0.28 ms and 0.29-0.35 ms per image, one thread each), and for photos much less (481x321: 4 ms and
-    45-60 ms). A worker that has filled its prefetch slots sleeps, so the cores it leaves go to the model.
-    On 2 cores 1 worker encoded as fast as 2 and used less CPU per image (CIFAR-10 test into a shard, busy
-    machine: 2,900 and 2,800-3,100 images/s, 0.60 and 0.62 CPU ms per image). Training needs even less: a
-    batch's decode is ~3% of a training step.
+    45-60 ms); the other cores feed the accelerator and write. Training needs even less: a batch's decode is
+    ~3% of a training step.
     """
     return max(1, min(8, available_cores() // 2))
 
