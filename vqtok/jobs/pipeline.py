@@ -154,45 +154,57 @@ def encode_files(
 
     todo = sink.select(take_part(paths, part), source, force, notify)
 
-    def store(index: int, codes: np.ndarray, extra: dict) -> Stored | VqtokError:
-        """Write one .vqt file, in a worker process (see `encode_image_files`); its error goes back as data,
-        to be raised here with its one line (a DataLoader would add the worker's traceback)."""
-        name = source(todo[index])
-        try:
-            return Stored(codes.size, sink.store(name, codes, {**fields, **extra, "source": name}))
-        except VqtokError as err:
-            return err
-
-    def write(index: int, result: np.ndarray | Stored | VqtokError, extra: dict) -> None:
-        name = source(todo[index])
-        if isinstance(result, VqtokError):
-            raise result
-        if isinstance(result, Stored):
-            sink.record(name, result.bytes)
-            report.tokens += result.tokens
-        else:
-            sink.write(name, result, {**fields, **extra, "source": name})
-            report.tokens += result.size
-        notify(todo[index], "written")
-
-    def failed(index: int, reason: str) -> None:
-        report.failed.append((str(todo[index]), reason))
-        notify(todo[index], "failed")
-
+    results = _Results(sink, source, todo, fields, report, notify)
     try:
-        with OrderedWriter(write, failed) as writer:
+        with OrderedWriter(results.write, results.failed) as writer:
             if modality == "audio":
                 encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS)
             else:
                 encode_image_files(model, todo, writer, stages, batch_size,
                                    encode_workers(dev) if num_workers is None else num_workers,
-                                   store if isinstance(sink, _TokenFiles) else None)
+                                   results.store if isinstance(sink, _TokenFiles) else None)
     except BaseException:
         sink.abort()
         raise
     sink.finish()
     report.seconds = time.perf_counter() - begin
     return report
+
+
+class _Results:
+    """What an encode does with each file's result, by its index into `todo`: name it, write it through the sink
+    (or count what a worker wrote with `store`), report it and tell `notify`."""
+
+    def __init__(self, sink: _TokenFiles | _TokenShard, source: Callable[[Path], str], todo: list[Path],
+                 fields: dict, report: RunReport, notify: FileCallback) -> None:
+        self.sink, self.source, self.todo, self.fields = sink, source, todo, fields
+        self.report, self.notify = report, notify
+
+    def store(self, index: int, codes: np.ndarray, extra: dict) -> Stored | VqtokError:
+        """Write one .vqt file, in a worker process (see `encode_image_files`); its error goes back as data, to be
+        raised by `write` with its one line (a DataLoader would add the worker's traceback)."""
+        name = self.source(self.todo[index])
+        try:
+            return Stored(codes.size, self.sink.store(name, codes, {**self.fields, **extra, "source": name}))
+        except VqtokError as err:
+            return err
+
+    def write(self, index: int, result: np.ndarray | Stored | VqtokError, extra: dict) -> None:
+        """Codes (S, *grid) to write, or what `store` wrote in a worker."""
+        name = self.source(self.todo[index])
+        if isinstance(result, VqtokError):
+            raise result
+        if isinstance(result, Stored):
+            self.sink.record(name, result.bytes)
+            self.report.tokens += result.tokens
+        else:
+            self.sink.write(name, result, {**self.fields, **extra, "source": name})
+            self.report.tokens += result.size
+        self.notify(self.todo[index], "written")
+
+    def failed(self, index: int, reason: str) -> None:
+        self.report.failed.append((str(self.todo[index]), reason))
+        self.notify(self.todo[index], "failed")
 
 
 def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size: int,
