@@ -360,28 +360,36 @@ def spectrogram_panels(
             draw.text((left - 8 - tw, y - th // 2 - 1), label, fill=INK, font=font)
         _draw_vertical_text(img, "Hz", (10, y0 + ph // 2))
 
-    # Time axis under the last panel.
     base = panel_tops[-1] + ph
+    _time_axis(draw, duration, left, pw, base, height)
+    _colour_bar(img, draw, lut, left + pw + 12, panel_tops[0], base, dynamic_range_db)
+    return _save(img, path)
+
+
+def _time_axis(draw: ImageDraw.ImageDraw, duration: float, left: int, width: int, base: int, height: int) -> None:
+    """Ticks in seconds along y = `base` under panels `width` px wide from x = `left`, titled at the bottom."""
+    font = _font()
     step = _time_step(duration)
     for j in range(int(duration / step + 1e-9) + 1):
         t = j * step
-        x = left + int(round(t / duration * (pw - 1)))
+        x = left + int(round(t / duration * (width - 1)))
         draw.line((x, base, x, base + 4), fill=INK)
         label = f"{t:g}"
         tw, _ = _text_size(label)
         draw.text((x - tw // 2, base + 6), label, fill=INK, font=font)
     tw, _ = _text_size("time (s)")
-    draw.text((left + (pw - tw) // 2, height - 16), "time (s)", fill=INK, font=font)
+    draw.text((left + (width - tw) // 2, height - 16), "time (s)", fill=INK, font=font)
 
-    # Colour bar spanning all panels, loud at the top.
-    bx0, by0, by1 = left + pw + 12, panel_tops[0], base
-    ramp = lut[np.linspace(255, 0, by1 - by0).round().astype(np.int64)]
-    bar = np.repeat(ramp[:, None, :], 12, axis=1)
-    img.paste(Image.fromarray(bar), (bx0, by0))
-    draw.rectangle((bx0 - 1, by0 - 1, bx0 + 12, by1), outline=INK)
-    for y, label in ((by0, "0 dB"), (by1 - 10, f"-{dynamic_range_db:g} dB")):
-        draw.text((bx0 + 16, y), label, fill=INK, font=font)
-    return _save(img, path)
+
+def _colour_bar(img: Image.Image, draw: ImageDraw.ImageDraw, lut: np.ndarray, x0: int, y0: int, y1: int,
+                dynamic_range_db: float) -> None:
+    """A 12 px colour bar from y0 (loud, 0 dB) to y1 (-dynamic_range_db), at x0."""
+    font = _font()
+    ramp = lut[np.linspace(255, 0, y1 - y0).round().astype(np.int64)]
+    img.paste(Image.fromarray(np.repeat(ramp[:, None, :], 12, axis=1)), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x0 + 12, y1), outline=INK)
+    for y, label in ((y0, "0 dB"), (y1 - 10, f"-{dynamic_range_db:g} dB")):
+        draw.text((x0 + 16, y), label, fill=INK, font=font)
 
 
 # ---------------------------------------------------------------------------------------------------------------
