@@ -65,8 +65,8 @@ from vqtok.data import io as data  # noqa: E402
 from vqtok.device import pick_device  # noqa: E402
 from vqtok.errors import VqtokError  # noqa: E402
 from vqtok.data.readers import ImageFiles, available_cores, batch_rows, decoded_chunks, shape_batches  # noqa: E402
-from vqtok.jobs.pipeline import (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS,  # noqa: E402
-                                 encode_batch, encode_files)
+from vqtok.jobs.pipeline import (CPU_BATCH_IMAGES, CPU_BATCH_PIXELS,  # noqa: E402
+                                 DEVICE_BATCH_IMAGES, DEVICE_BATCH_PIXELS, encode_batch, encode_files)
 from vqtok.modelfile import save_model  # noqa: E402
 from vqtok.nets.tokenizer import Tokenizer  # noqa: E402
 
@@ -263,7 +263,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 # The parts timed in this run's own minutes.
                 local = run["decode_ms_around"] + run["forward_ms_around"] if cpu_bound else run["forward_ms_around"]
                 bound_here = 1e3 * (r["cores"] if cpu_bound else 1) / local
-                versus_w = f"{rate * (local + r['write_ms']) / (1e3 * r['cores']):.2f}" if kind == "vqt" and cpu_bound else ""
+                with_writes = rate * (local + r["write_ms"]) / (1e3 * r["cores"])  # rate / B_w of these minutes
+                versus_w = f"{with_writes:.2f}" if kind == "vqt" and cpu_bound else ""
                 share = f"{local / cpu:.2f}" if cpu_bound else ""
                 lines.append(f"| {name} | {label} | {workers} | {rate:.1f} | {rate / bound_here:.2f} | {versus_w} | "
                              f"{cpu:.3f} ({run['kernel_ms_per_image']:.3f}) | {share} |")

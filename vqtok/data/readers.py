@@ -2,9 +2,10 @@
 
 `worker_jobs` runs a function on consecutive ranges of files, each range in one worker process (or in the
 calling process with 0 workers), and returns the results in file order. `decoded_chunks` uses it to read
-files in chunks (a CPU encode goes further and encodes them in the workers too, see vqtok.jobs.pipeline); `shape_batches` turns the chunks into batches of
-images that share a padded shape. A file that cannot be read travels back as its one-line reason and is
-handed to the caller's `on_error`, so one bad file never stops a run.
+files in chunks (a CPU encode goes further and encodes them in the workers too, see vqtok.jobs.pipeline);
+`shape_batches` turns the chunks into batches of images that share a padded shape. A file that cannot be
+read travels back as its one-line reason and is handed to the caller's `on_error`, so one bad file never
+stops a run.
 
 Batches depend only on the file order, the images' shapes, `batch_size` and `batch_pixels`, never on the
 number of workers or on chunk boundaries; and the model encodes each image of a batch on its own, so the codes
@@ -156,6 +157,8 @@ class _Jobs(Dataset):
 
 
 def _as_is(result: T) -> T:
+    """The loader's collate: the job's result as it is. The default for unbatched items would turn numpy arrays
+    into tensors, which travel through shared memory instead of the pipe."""
     return result
 
 
