@@ -335,21 +335,56 @@ def test_encode_leaves_the_callers_rng_and_threads_alone(model_path: Path, image
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
 
 
-def test_audio_parts_together_equal_a_whole_run(sample_audio: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = ModelConfig(modality="audio", in_channels=1, channels=16, res_blocks=1, sample_rate=8000,
                          audio_strides=(2, 4), downsample=8,
                          quantizer=QuantizerConfig(dim=8, codebook_size=16, stages=2))
     torch.manual_seed(0)
-    save_model(Tokenizer(config), tmp_path / "audio.safetensors")
+    path = tmp_path_factory.mktemp("audio_model") / "audio.safetensors"
+    save_model(Tokenizer(config), path)
+    return path
+
+
+@pytest.fixture
+def sounds(sample_audio: Path, tmp_path: Path) -> Path:
+    """5 FSDD WAVs, one in a subfolder."""
     src = tmp_path / "audio"
-    src.mkdir()
-    for path in sorted(sample_audio.glob("*.wav"))[:5]:
-        shutil.copy(path, src / path.name)
-    encode_files(tmp_path / "audio.safetensors", [src], tmp_path / "whole", device="cpu")
+    (src / "sub").mkdir(parents=True)
+    for i, path in enumerate(sorted(sample_audio.glob("*.wav"))[:5]):
+        shutil.copy(path, (src / "sub" if i == 3 else src) / path.name)
+    return src
+
+
+def test_audio_parts_together_equal_a_whole_run(audio_model: Path, sounds: Path, tmp_path: Path) -> None:
+    encode_files(audio_model, [sounds], tmp_path / "whole", device="cpu")
     for i in (1, 2):
-        report = encode_files(tmp_path / "audio.safetensors", [src], tmp_path / "parts", device="cpu", part=(i, 2))
+        report = encode_files(audio_model, [sounds], tmp_path / "parts", device="cpu", part=(i, 2))
         assert len(report.written) == [2, 3][i - 1]
     assert tree(tmp_path / "parts") == tree(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_audio_outputs_do_not_depend_on_workers(audio_model: Path, sounds: Path, tmp_path: Path,
+                                                shard: bool) -> None:
+    """Workers encode a file each on one thread; with 0 workers this process encodes on two: the same codes,
+    and a file that is not audio is reported while the others are written."""
+    (sounds / "broken.wav").write_bytes(b"RIFF not really")
+    outputs = []
+    threads = torch.get_num_threads()
+    for workers in (0, 1, 2):
+        torch.set_num_threads(2 if workers == 0 else 1)
+        try:
+            report = encode_files(audio_model, [sounds], tmp_path / str(workers), device="cpu",
+                                  num_workers=workers, shard=shard, codec="entropy")
+        finally:
+            torch.set_num_threads(threads)
+        assert [Path(path).name for path, _ in report.failed] == ["broken.wav"]
+        assert "broken.wav" in report.failed[0][1]
+        assert report.tokens == sum(2 * math.ceil(data.audio_info(p)[1] / 8)
+                                    for p in sounds.rglob("*.wav") if p.name != "broken.wav")
+        outputs.append(tree(tmp_path / str(workers)))
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == (4 if shard else 5)
 
 
 def test_shape_batches_hold_a_bounded_number_of_images() -> None:

@@ -271,7 +271,7 @@ def encode(
     stages: Annotated[Optional[int], typer.Option(help="Keep only the first N residual stages: a lower bitrate (default: all).")] = None,
     channels: Annotated[ChannelMode, typer.Option(help="Audio: mono mixes the channels down; keep tokenizes each channel.")] = ChannelMode.mono,
     chunk_seconds: Annotated[Optional[float], typer.Option(help="Audio: seconds encoded at a time; memory follows the chunk, not the file (default: 30).")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="Images: worker processes; on a CPU each decodes, encodes and writes its share of the files, on a GPU they decode while the model runs; 0: all in the main process (default: on a CPU one per core, up to 16; else half the cores, 1 to 8).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Worker processes; on a CPU each reads, encodes and writes its share of the files (audio: a file at a time), on a GPU they decode images while the model runs; 0: all in the main process (default: on a CPU one per core, up to 16; else half the cores, 1 to 8).")] = None,
     part: Annotated[Optional[str], typer.Option(help="Encode only part I of N of the file list (e.g. 2/3: the second of three contiguous slices), to share a data set among machines; under torchrun each process takes its share automatically. A part's shard is OUT/shard-0000I-of-0000N.*.")] = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,

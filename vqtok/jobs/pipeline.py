@@ -125,7 +125,8 @@ def encode_files(
     `batch_size` files at a time (on a CPU see `encode_job_files`, and encoded there too), and the model
     encodes batches of one padded shape, sized by that shape (CPU_BATCH_* / DEVICE_BATCH_*); token files are
     written on a background thread (see `encode_image_files`). The codes do not depend on
-    `num_workers`, `batch_size` or `part` (see `encode_batch`). Memory follows the batch sizes and queue depths
+    `num_workers`, `batch_size` or `part` (see `encode_batch`). Audio files are encoded one per worker process on
+    a CPU (see `encode_audio_files`). Memory follows the batch sizes and queue depths
     (vqtok.data.readers, vqtok.jobs.encoding), not the number of files.
 
     `stages`: keep only the first N residual stages (a lower bitrate). Audio: `channels` "mono" mixes the
@@ -155,14 +156,15 @@ def encode_files(
     todo = sink.select(take_part(paths, part), source, force, notify)
 
     results = _Results(sink, source, todo, fields, report, notify)
+    workers = encode_workers(dev) if num_workers is None else num_workers
+    store = results.store if isinstance(sink, _TokenFiles) else None
     try:
         with OrderedWriter(results.write, results.failed) as writer:
             if modality == "audio":
-                encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS)
+                encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS,
+                                   workers, store)
             else:
-                encode_image_files(model, todo, writer, stages, batch_size,
-                                   encode_workers(dev) if num_workers is None else num_workers,
-                                   results.store if isinstance(sink, _TokenFiles) else None)
+                encode_image_files(model, todo, writer, stages, batch_size, workers, store)
     except BaseException:
         sink.abort()
         raise
@@ -181,8 +183,9 @@ class _Results:
         self.report, self.notify = report, notify
 
     def store(self, index: int, codes: np.ndarray, extra: dict) -> Stored | VqtokError:
-        """Write one .vqt file, in a worker process (see `encode_image_files`); its error goes back as data, to be
-        raised by `write` with its one line (a DataLoader would add the worker's traceback)."""
+        """Write one .vqt file, in a worker process (see `encode_image_files`, `encode_audio_files`); its error
+        goes back as data, to be raised by `write` with its one line (a DataLoader would add the worker's
+        traceback)."""
         name = self.source(self.todo[index])
         try:
             return Stored(codes.size, self.sink.store(name, codes, {**self.fields, **extra, "source": name}))
@@ -424,8 +427,9 @@ def encode_image_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedW
 
 
 def encode_workers(device: torch.device) -> int:
-    """Default worker processes for an image encode: on a CPU one per core, at most 16 (each encodes, see
-    `encode_image_files`); on an accelerator `default_workers()` (they only decode)."""
+    """Default worker processes for an encode: on a CPU one per core, at most 16 (each encodes, see
+    `encode_image_files` and `encode_audio_files`); on an accelerator `default_workers()` (images: they only
+    decode)."""
     return max(1, min(16, available_cores())) if device.type == "cpu" else default_workers()
 
 
@@ -436,8 +440,24 @@ def encode_job_files(files: int, batch_size: int, workers: int) -> int:
 
 
 def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
-                       mono: bool, chunk_seconds: float) -> None:
-    """Encode audio files one by one (each in chunks, see `encode_audio`), handing the codes to `writer`."""
+                       mono: bool, chunk_seconds: float, workers: int = 0, store: StoreFile | None = None) -> None:
+    """Encode audio files (each in chunks, see `encode_audio`), handing each file's codes to `writer` with its
+    index into `paths`.
+
+    On a CPU with `workers` > 0 and more than one file (on Linux, see FORKED_WORKERS), each worker process reads,
+    resamples and encodes whole files on one thread (`AudioEncodeJob`), and with `store` writes their token
+    files too: a file's small 1-D convolutions keep one core busy far better than they spread over several, so
+    the cores go to separate files. A single file (or `workers` 0) is encoded here, on torch's threads.
+    """
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu and workers and FORKED_WORKERS and len(paths) > 1:  # the job holds the model and `store` closures
+        job = AudioEncodeJob(model, paths, stages, mono, chunk_seconds, store)
+        for index, header, result in worker_jobs(len(paths), 1, workers, job):
+            if isinstance(result, str):
+                writer.fail(index, result)
+            else:
+                writer.put([(index, header)], [result])
+        return
     for index, path in enumerate(paths):
         try:
             codes, header = encode_audio(model, path, stages, mono, chunk_seconds)
@@ -445,6 +465,25 @@ def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedW
             writer.fail(index, str(err))
             continue
         writer.put([(index, header)], codes.unsqueeze(0))
+
+
+class AudioEncodeJob:
+    """A `worker_jobs` job for a CPU audio encode: one file -> (file index, header fields, codes (S, *frames)
+    numpy, or with `store` what it wrote, or the reason it could not be read)."""
+
+    def __init__(self, model: Tokenizer, paths: Sequence[Path], stages: int | None, mono: bool,
+                 chunk_seconds: float, store: StoreFile | None = None) -> None:
+        self.model, self.paths, self.stages, self.mono = model, paths, stages, mono
+        self.chunk_seconds, self.store = chunk_seconds, store
+
+    def __call__(self, indices: range) -> tuple[int, dict | None, np.ndarray | Stored | VqtokError | str]:
+        (index,) = indices
+        try:
+            codes, header = encode_audio(self.model, self.paths[index], self.stages, self.mono, self.chunk_seconds)
+        except VqtokError as err:
+            return index, None, str(err)
+        codes = codes.numpy()
+        return index, header, codes if self.store is None else self.store(index, codes, header)
 
 
 def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
