@@ -450,25 +450,19 @@ def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedW
     the cores go to separate files. A single file (or `workers` 0) is encoded here, on torch's threads.
     """
     cpu = next(model.parameters()).device.type == "cpu"
-    if cpu and workers and FORKED_WORKERS and len(paths) > 1:  # the job holds the model and `store` closures
-        job = AudioEncodeJob(model, paths, stages, mono, chunk_seconds, store)
-        for index, header, result in worker_jobs(len(paths), 1, workers, job):
-            if isinstance(result, str):
-                writer.fail(index, result)
-            else:
-                writer.put([(index, header)], [result])
-        return
-    for index, path in enumerate(paths):
-        try:
-            codes, header = encode_audio(model, path, stages, mono, chunk_seconds)
-        except VqtokError as err:
-            writer.fail(index, str(err))
-            continue
-        writer.put([(index, header)], codes.unsqueeze(0))
+    # The job holds the model and `store` closures, so it needs forked workers. In this process the writer
+    # thread writes the token files, while the next file encodes.
+    in_workers = cpu and workers > 0 and FORKED_WORKERS and len(paths) > 1
+    job = AudioEncodeJob(model, paths, stages, mono, chunk_seconds, store if in_workers else None)
+    for index, header, result in worker_jobs(len(paths), 1, workers if in_workers else 0, job):
+        if isinstance(result, str):
+            writer.fail(index, result)
+        else:
+            writer.put([(index, header)], [result])
 
 
 class AudioEncodeJob:
-    """A `worker_jobs` job for a CPU audio encode: one file -> (file index, header fields, codes (S, *frames)
+    """A `worker_jobs` job for an audio encode: one file -> (file index, header fields, codes (S, *frames)
     numpy, or with `store` what it wrote, or the reason it could not be read)."""
 
     def __init__(self, model: Tokenizer, paths: Sequence[Path], stages: int | None, mono: bool,
