@@ -273,3 +273,17 @@ def test_folder_runs_skip_a_damaged_token_file_and_exit_1(model_path: Path, imag
         assert result.exit_code == 1, result.output
         assert f"{damaged.name}: checksum mismatch" in result.stderr.replace("\n", "")
     assert len(list((tmp_path / "r").rglob("*.png"))) == 59
+
+
+def test_train_init_fine_tunes_and_refuses_model_options(model_path: Path, images: Path, tmp_path: Path) -> None:
+    tuned = tmp_path / "tuned"
+    result = invoke("train", images, "--out", tuned, "--init", model_path, "--steps", "4", "--batch-size", "16",
+                    "--checkpoint-every", "4", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert load(tuned / "model.safetensors").config == load(model_path).config
+    result = invoke("train", images, "--out", tmp_path / "a", "--init", model_path, "--channels", "64",
+                    "--strides", "2,4", "--steps", "4")
+    assert result.exit_code == 1 and "drop --channels, --strides" in result.output
+    result = invoke("train", images, "--out", tmp_path / "b", "--init", "speech", "--steps", "4")
+    assert result.exit_code == 1 and "speech: an audio model cannot be trained on image files" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

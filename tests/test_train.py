@@ -83,6 +83,29 @@ def test_resume_without_a_run(images: Path, tmp_path: Path) -> None:
         train([images], tmp_path / "new", tiny_model(), tiny_train(), resume=True)
 
 
+def test_init_starts_from_a_models_weights(images: Path, tmp_path: Path) -> None:
+    # Codebooks trained by the loss and never re-seeded, so at that learning rate they stay as they start too.
+    shape = ModelConfig(channels=32, res_channels=16, quantizer=QuantizerConfig(
+        dim=16, codebook_size=32, codebook_update="loss", dead_code_steps=0))
+    first = train([images], tmp_path / "first", shape, tiny_train(steps=20)).model_path
+    # A near-zero learning rate: what the fine-tuning run ends with is what it started from.
+    other_shape = ModelConfig(channels=64, quantizer=QuantizerConfig(dim=8, codebook_size=16))
+    tuned = train([images], tmp_path / "tuned", other_shape, tiny_train(steps=5, lr=1e-12), init=first).model_path
+    fresh = train([images], tmp_path / "fresh", tiny_model(), tiny_train(steps=5, lr=1e-12)).model_path
+    a, b, c = (load_file(str(p)) for p in (first, tuned, fresh))
+    nets = [k for k in a if k.startswith(("encoder.", "decoder."))]
+    assert nets and a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in nets)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in nets)
+    books = [k for k in a if k.endswith(".codebook")]  # the starting model's: no k-means init again
+    assert books and all(torch.allclose(a[k], b[k], atol=1e-6) for k in books)
+    info = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert info["model"] == json.loads((tmp_path / "first" / "run.json").read_text())["model"]
+    assert info["init"]["path"] == str(first) and len(info["init"]["fingerprint"]) == 16
+    with pytest.raises(VqtokError, match="drop --size"):
+        train([images], tmp_path / "sized", tiny_model(), tiny_train(steps=5), size=32, init=first)
+
+
 def test_learning_rate_schedule() -> None:
     config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
     assert learning_rate(0, config) == pytest.approx(1e-4)

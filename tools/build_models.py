@@ -129,7 +129,8 @@ RECIPES: dict[str, Recipe] = {
     "speech": Recipe(
         description="16 kHz speech",
         train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--channels", "128", "--res-blocks", "1",
-               "--code-dim", "8", "--audio-loss", "spectral", "--segment-seconds", "0.5", "--steps", "15000",
+               "--code-dim", "8", "--audio-loss", "spectral", "--activation", "snake", "--segment-seconds", "0.5",
+               "--steps", "22000",
                "--warmup", "200",
                "--checkpoint-every", "1000", "--num-workers", "0", "--device", "cpu"),
         heldout="../shared/data/librispeech/test-other",

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from vqtok.allocator import keep_freed_memory
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
-from vqtok.defaults import AUDIO
+from vqtok.defaults import AUDIO, MODEL_OPTIONS
 from vqtok.errors import VqtokError
 
 if TYPE_CHECKING:  # the commands import torch-backed modules only when they run
@@ -145,6 +145,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[list[Path], typer.Argument(help="Folders or files of images (or audio) to train on.")],
     run_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics, previews, model.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = _T.steps,
@@ -188,6 +189,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    init: Annotated[Optional[str], typer.Option(help="Fine-tune: start from this model file or shipped model name (its architecture, quantizer, rate and weights; model options are refused with it). E.g. add an adversarial stage to a trained audio model, or adapt one to new data.")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="Worker processes reading training files, per process (0: read in the training process; default: half the CPU cores, shared among torchrun processes, 1 to 8).")] = None,
     device: DeviceOpt = _T.device,
     json_out: JsonOpt = False,
@@ -199,6 +201,8 @@ def train(
     from vqtok.training.loop import train as run_training
 
     with _user_errors():
+        if init is not None:
+            _refuse_model_options(ctx)
         model_config, train_config = training_configs(
             find_inputs(data)[0], steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
             downsample=downsample, audio_strides=_parse_strides(strides), segment_seconds=segment_seconds,
@@ -216,12 +220,23 @@ def train(
     try:
         with _user_errors():
             result = run_training(data, run_dir, model_config, train_config, size=size, sample_rate=sample_rate,
-                                  resume=resume, num_workers=num_workers, on_progress=on_progress,
+                                  resume=resume, init=init, num_workers=num_workers, on_progress=on_progress,
                                   on_status=lambda msg: err.log(msg))
     finally:
         progress.stop()
     if result.rank == 0:  # under torchrun, rank 0 speaks for the run
         _report_training(result, json_out)
+
+
+def _refuse_model_options(ctx: typer.Context) -> None:
+    """With --init the model's shape comes from the starting model: refuse model options given with it."""
+    named = {"strides": "audio_strides"}
+    # Compared by name: typer vendors its own copy of click's ParameterSource.
+    given = [p for p in ctx.params
+             if named.get(p, p) in MODEL_OPTIONS and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
+    if given:
+        flags = ", ".join("--" + p.replace("_", "-") for p in given)
+        raise VqtokError(f"--init takes the model's shape from the starting model; drop {flags}")
 
 
 def _report_training(result: TrainResult, json_out: bool) -> None:

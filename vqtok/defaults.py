@@ -40,6 +40,10 @@ _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "w
           "device": "device"}
 
 
+# Options that shape the model: a run that starts from a model file (`train --init`) takes all of them from it.
+MODEL_OPTIONS = frozenset(_QUANTIZER) | frozenset(_MODEL) | {"size", "sample_rate"}
+
+
 def training_configs(modality: str, **options: Any) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs for `modality` ("image" or "audio") from `train` options.
 

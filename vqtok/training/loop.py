@@ -2,7 +2,8 @@
 validation, atomic checkpoints, exact resume, and several processes under torchrun.
 
 A run directory holds:
-  run.json            configs, seed, data summary, vqtok version (written once, checked on --resume)
+  run.json            configs, seed, data summary, the model it started from (--init), vqtok version (written
+                      once, checked on --resume)
   metrics.jsonl       one JSON object per logged step ("split": "train") and per validation ("split": "val")
   checkpoints/        step_NNNNNNN.safetensors: model + optimizer + RNG state (the last few are kept)
   previews/           step_NNNNNNN.png: validation inputs above, reconstructions below
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqtok import __version__
+from vqtok import __version__, zoo
 from vqtok.atomic import write_bytes_atomic
 from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import io as data
@@ -40,7 +41,7 @@ from vqtok.data.readers import default_workers
 from vqtok.data.streams import Batch, BatchPlan, batches_of, collate
 from vqtok.errors import VqtokError
 from vqtok.jobs.contexts import fit_context_table
-from vqtok.modelfile import save_model
+from vqtok.modelfile import FINGERPRINT_KEY, load, read_metadata, save_model
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.training import distributed
 from vqtok.training.adversarial import Adversary
@@ -94,6 +95,7 @@ def train(
     size: int | None = None,
     sample_rate: int | None = None,
     resume: bool = False,
+    init: str | Path | None = None,
     num_workers: int | None = None,
     on_progress: ProgressFn | None = None,
     on_status: Callable[[str], None] | None = None,
@@ -102,13 +104,15 @@ def train(
 
     The modality comes from the files. `size` is the image training crop side (None: fits the data);
     `sample_rate` the audio model's rate in Hz (None: the most common rate among the files). With `resume`,
-    training continues from the newest checkpoint in `out` with the stored configs. `num_workers`: DataLoader
+    training continues from the newest checkpoint in `out` with the stored configs. `init` (fine-tuning): a model
+    file or shipped model name to start from; its architecture, quantizer, rate or size and weights replace
+    `model_config`, `size` and `sample_rate`, and its codebooks count as initialised. `num_workers`: DataLoader
     worker processes reading files (0: read in this process; None: picked from the core count). Started by
     torchrun, this process joins the process group and trains its share of every batch.
     """
     procs = distributed.start(train_config.device)
     try:
-        return _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume,
+        return _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume, init,
                       default_workers() if num_workers is None else num_workers,
                       on_progress if procs.main else None, (on_status or (lambda _m: None)) if procs.main
                       else (lambda _m: None))
@@ -117,8 +121,8 @@ def train(
 
 
 def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: ModelConfig,
-           train_config: TrainConfig, size: int | None, sample_rate: int | None, resume: bool, workers: int,
-           on_progress: ProgressFn | None, status: Callable[[str], None]) -> TrainResult:
+           train_config: TrainConfig, size: int | None, sample_rate: int | None, resume: bool,
+           init: str | Path | None, workers: int, on_progress: ProgressFn | None, status: Callable[[str], None]) -> TrainResult:
     train_config.validate()
     if workers < 0:
         raise VqtokError(f"--num-workers must be >= 0, got {workers}")
@@ -126,8 +130,11 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
         raise VqtokError(f"--batch-size {train_config.batch_size} must be a multiple of the {procs.world} "
                          "processes (it is the global batch, split evenly across them)")
     modality, paths = data.find_inputs(list(inputs))
+    starting = _starting_model(init, modality, size, sample_rate) if init is not None and not resume else None
+    if starting is not None:
+        model_config = starting.config
     model_config, train_config = _run_configs(out, paths, modality, model_config, train_config, size,
-                                              sample_rate, resume)
+                                              sample_rate, resume, fitted=starting is not None)
     if train_config.precision == "bf16" and procs.device.type not in ("cpu", "cuda"):
         raise VqtokError(f"--precision bf16 runs on cpu or cuda, not {procs.device.type}")
     if train_config.adversarial_from and modality != "audio":
@@ -142,18 +149,20 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
         if train_config.adversarial_from else None
     procs.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if procs.main and not resume:
-        _write_run_info(out, inputs, paths, task, model_config, train_config)
+        _write_run_info(out, inputs, paths, task, model_config, train_config, init)
 
     torch.manual_seed(train_config.seed)
     model = Tokenizer(model_config).to(procs.device)
+    if starting is not None:
+        model.load_state_dict(starting.state_dict())
     optimizer = torch.optim.AdamW(model_param_groups(model, train_config.lr), lr=train_config.lr,
                                   weight_decay=train_config.weight_decay)
-    start = load_checkpoint(out, *_checkpointed(model, optimizer, adversary)) if resume else 0
+    first = load_checkpoint(out, *_checkpointed(model, optimizer, adversary)) if resume else 0
     if resume:
-        status(f"resuming from step {start}")
+        status(f"resuming from step {first}")
     run = _Run(procs, task, model, optimizer, adversary, train_config, out, workers, on_progress)
     begin = time.perf_counter()
-    run.steps(start)
+    run.steps(first)
     seconds = time.perf_counter() - begin
     skipped = sorted(set(procs.gather(sorted(run.skipped))))
     final: dict[str, float] = {}
@@ -164,7 +173,7 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
         save_model(model, out / "model.safetensors",
                    extra={"vqtok.train": json.dumps(dataclasses.asdict(train_config))})
         final = run.validate()
-    ran = train_config.steps - start
+    ran = train_config.steps - first
     return TrainResult(out, out / "model.safetensors", train_config.steps, seconds,
                        ran / seconds if seconds > 0 else 0.0, len(task.train_data), len(task.val_data),
                        skipped, final, procs.rank, model, adversary.disc if adversary else None)
@@ -172,9 +181,9 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
 
 def _run_configs(out: Path, paths: list[Path], modality: str, model_config: ModelConfig,
                  train_config: TrainConfig, size: int | None, sample_rate: int | None,
-                 resume: bool) -> tuple[ModelConfig, TrainConfig]:
+                 resume: bool, fitted: bool = False) -> tuple[ModelConfig, TrainConfig]:
     """The configs a run uses: the stored ones on resume (after checking the data is the same), else the given
-    ones fitted to the data."""
+    ones, fitted to the data unless `fitted` (a model to start from fixed them)."""
     run_file = out / "run.json"
     if resume:
         if not run_file.exists():
@@ -186,13 +195,26 @@ def _run_configs(out: Path, paths: list[Path], modality: str, model_config: Mode
         return model_config, TrainConfig(**{**stored["train"], "device": train_config.device})
     if run_file.exists():
         raise VqtokError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
-    model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
+    if not fitted:
+        model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
     model_config.validate()
     return model_config, train_config
 
 
+def _starting_model(init: str | Path, modality: str, size: int | None, sample_rate: int | None) -> Tokenizer:
+    """The model a fine-tuning run starts from, after checking it fits the training files."""
+    model = load(init)
+    config = model.config
+    if config.modality != modality:
+        raise VqtokError(f"{init}: an {config.modality} model cannot be trained on {modality} files")
+    if size is not None or sample_rate is not None:
+        raise VqtokError(f"{init}: the image size and sample rate are the starting model's "
+                         f"({config.image_size} px, {config.sample_rate} Hz); drop --size and --sample-rate")
+    return model
+
+
 def _write_run_info(out: Path, inputs: Sequence[Path], paths: list[Path], task: Task, model_config: ModelConfig,
-                    train_config: TrainConfig) -> None:
+                    train_config: TrainConfig, init: str | Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     info = {
         "vqtok_version": __version__,
@@ -207,6 +229,9 @@ def _write_run_info(out: Path, inputs: Sequence[Path], paths: list[Path], task: 
             "fingerprint": _files_fingerprint(paths),
         },
     }
+    if init is not None:
+        path = zoo.resolve(init)
+        info["init"] = {"model": str(init), "path": str(path), "fingerprint": read_metadata(path)[FINGERPRINT_KEY]}
     write_bytes_atomic(out / "run.json", (json.dumps(info, indent=2) + "\n").encode())
 
 
