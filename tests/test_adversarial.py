@@ -74,6 +74,16 @@ def test_discriminator_shapes(rate: int, windows: list[int]) -> None:
         assert bool((maps[0] < 0).any()) and bool((maps[0] > 0).any())  # LeakyReLU, not ReLU
 
 
+def test_discriminator_width_is_the_runs_choice() -> None:
+    narrow = Discriminator(16000, 8)
+    maps = narrow(torch.randn(1, 1, 8000) * 0.1)[1]
+    assert all(m.shape[1] == 8 for scale in maps for m in scale)
+    wide = sum(p.numel() for p in Discriminator(16000).parameters())
+    assert sum(p.numel() for p in narrow.parameters()) < wide / 10  # most layers are filters x filters
+    with pytest.raises(VqtokError, match="discriminator filters"):
+        train_config(disc_filters=0).validate()
+
+
 def test_hinge_losses_on_hand_made_logits() -> None:
     real = [torch.tensor([2.0, 0.5, -1.0]), torch.tensor([[0.0]])]
     fake = [torch.tensor([-2.0, 0.0, 1.0]), torch.tensor([[-0.5]])]
@@ -107,6 +117,8 @@ def test_segments_must_cover_the_longest_window() -> None:
     before = torch.get_rng_state()
     Adversary(RATE, 1024, train_config(), procs)
     assert torch.equal(torch.get_rng_state(), before)  # built from the run's seed, the global RNG untouched
+    narrow = Adversary(RATE, 1024, train_config(disc_filters=8), procs).disc
+    assert sum(p.numel() for p in narrow.parameters()) == sum(p.numel() for p in Discriminator(RATE, 8).parameters())
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -36,7 +36,8 @@ _MODEL = {"channels": "channels", "downsample": "downsample", "res_blocks": "res
 _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed",
           "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
           "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
-          "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight", "precision": "precision",
+          "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight",
+          "disc_filters": "disc_filters", "precision": "precision",
           "device": "device"}
 
 

@@ -30,10 +30,10 @@ from vqtok.training.distributed import Processes
 
 # EnCodec's STFT windows at 24 kHz, longest first; hop = window / 4.
 WINDOWS_24K = (2048, 1024, 512, 256, 128)
-# EnCodec's width, in every layer. On a CPU it is what an adversarial step costs: at 16 kHz with 8 x 0.5 s
-# segments, the discriminator's update and the generator's pass through it took 4.6 s on one thread (16 filters:
-# 1.35 s, 8: 0.96 s), against 0.27 s for a whole step of a --channels 128 codec.
-FILTERS = 32
+# EnCodec's width, in every layer, is TrainConfig.disc_filters' default (32). On a CPU it is what an adversarial
+# step costs: at 16 kHz with 8 x 0.5 s segments, the discriminator's update and the generator's pass through it
+# took 4.6 s on one thread (16 filters: 1.35 s, 8: 0.96 s), against 0.27 s for a whole step of a --channels 128
+# codec.
 KERNEL = (3, 9)  # (time, frequency)
 DILATIONS = (1, 2, 4)  # in time, one per strided layer
 SLOPE = 0.2
@@ -65,7 +65,7 @@ class ScaleDiscriminator(nn.Module):
     feature maps of its five hidden layers, (B, filters, frames, ceil(bins / s)) for s = 1, 2, 4, 8, 8, where
     frames = 1 + (T - window) // hop and bins = window / 2 + 1."""
 
-    def __init__(self, window: int, filters: int = FILTERS):
+    def __init__(self, window: int, filters: int):
         super().__init__()
         self.window, self.hop = window, window // 4
         self.register_buffer("hann", torch.hann_window(window), persistent=False)
@@ -91,7 +91,7 @@ class Discriminator(nn.Module):
     """EnCodec's multi-scale STFT discriminator at `sample_rate` Hz: (B, 1, T) waveform on the [-1, 1] scale
     -> per scale (longest window first) its logits and its feature maps (see `ScaleDiscriminator`)."""
 
-    def __init__(self, sample_rate: int, filters: int = FILTERS):
+    def __init__(self, sample_rate: int, filters: int = TrainConfig.disc_filters):
         super().__init__()
         self.scales = nn.ModuleList(ScaleDiscriminator(w, filters) for w in stft_windows(sample_rate))
 
@@ -152,7 +152,7 @@ class Adversary:
                              f"to {longest / sample_rate:.3f} or more")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.disc = Discriminator(sample_rate).to(procs.device)
+            self.disc = Discriminator(sample_rate, config.disc_filters).to(procs.device)
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=DISC_LR, betas=DISC_BETAS)
         self.net = procs.wrap(self.disc)
         self.adversarial_weight, self.feature_weight = config.adversarial_weight, config.feature_weight
