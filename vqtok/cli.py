@@ -234,8 +234,8 @@ def _refuse_model_options(ctx: typer.Context) -> None:
     """With --init the model's shape comes from the starting model: refuse model options given with it."""
     named = {"strides": "audio_strides"}
     # Compared by name: typer vendors its own copy of click's ParameterSource.
-    given = [p for p in ctx.params
-             if named.get(p, p) in MODEL_OPTIONS and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
+    given = [p for p in ctx.params if named.get(p, p) in MODEL_OPTIONS
+             and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
     if given:
         flags = ", ".join("--" + p.replace("_", "-") for p in given)
         raise VqtokError(f"--init takes the model's shape from the starting model; drop {flags}")

@@ -122,7 +122,8 @@ def train(
 
 def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: ModelConfig,
            train_config: TrainConfig, size: int | None, sample_rate: int | None, resume: bool,
-           init: str | Path | None, workers: int, on_progress: ProgressFn | None, status: Callable[[str], None]) -> TrainResult:
+           init: str | Path | None, workers: int, on_progress: ProgressFn | None,
+           status: Callable[[str], None]) -> TrainResult:
     train_config.validate()
     if workers < 0:
         raise VqtokError(f"--num-workers must be >= 0, got {workers}")
