@@ -146,8 +146,8 @@ RECIPES: dict[str, Recipe] = {
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. It keeps what makes speech "
-               "intelligible (STOI about 0.8 from 1.5 kbps) but not the harmonics of the voice, so it sounds "
-               "buzzy and scores PESQ 1.1-1.2, below Codec 2 and Opus (benchmarks/README.md, Speech).",
+               "intelligible (STOI about 0.8 from 1 kbps, near Codec 2's) but not the harmonics of the voice, so it "
+               "sounds buzzy and scores PESQ 1.1, below Codec 2 and Opus (benchmarks/README.md, Speech).",
     ),
 }
 
