@@ -17,8 +17,10 @@ import torchaudio.functional as AF
 
 from vqtok.data import io as data
 from vqtok.nets.audio import decoder_context, encoder_context
+from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
-from vqtok.training.audiosets import AudioTask, mel_sizes, segment_samples, spectral_scales
+from vqtok.training.audiosets import (AudioTask, compressed_spectrum_error, mel_sizes, segment_samples,
+                                     spectral_scales)
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
                                resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
@@ -31,9 +33,9 @@ from vqtok.training.loop import train
 RATE = 16000
 
 
-def audio_config(strides: tuple[int, ...] = (2, 4, 5, 8), stages: int = 4) -> ModelConfig:
+def audio_config(strides: tuple[int, ...] = (2, 4, 5, 8), stages: int = 4, audio_net: str = "conv") -> ModelConfig:
     return ModelConfig(modality="audio", in_channels=1, channels=32, res_blocks=1, sample_rate=RATE,
-                       audio_strides=strides, downsample=math.prod(strides),
+                       audio_strides=strides, downsample=math.prod(strides), audio_net=audio_net,
                        quantizer=QuantizerConfig(dim=16, codebook_size=64, stages=stages, stage_dropout=0.5))
 
 
@@ -50,12 +52,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fsdd16: Path) -> Path:
     return run
 
 
-def seeded(wave: torch.Tensor) -> Tokenizer:
+def seeded(wave: torch.Tensor, audio_net: str = "conv") -> Tokenizer:
     """An untrained model whose codebooks are frames of `wave` (1, T) encoded, stage by stage, plus noise (so
     no code sits exactly on a frame, which would leave later stages a zero residual and exact ties), so that
     its codes vary with the input the way a trained model's do."""
     torch.manual_seed(0)
-    model = Tokenizer(audio_config()).eval()
+    model = Tokenizer(audio_config(audio_net=audio_net)).eval()
     padded, _ = data.pad_length(wave, model.hop)
     with torch.no_grad():
         residual = model._to_vectors(model.encoder(padded[None]))
@@ -79,9 +81,10 @@ def long_stereo(tmp_path_factory: pytest.TempPathFactory, sample_audio: Path) ->
 # ------------------------------------------------------------------------------------------------- nets
 
 
+@pytest.mark.parametrize("audio_net", ["conv", "stft"])
 @pytest.mark.parametrize("strides", [(2, 4, 5, 8), (3, 5), (2, 2)])
-def test_codes_are_one_frame_per_hop(strides: tuple[int, ...]) -> None:
-    model = Tokenizer(audio_config(strides, stages=3)).eval()
+def test_codes_are_one_frame_per_hop(strides: tuple[int, ...], audio_net: str) -> None:
+    model = Tokenizer(audio_config(strides, stages=3, audio_net=audio_net)).eval()
     hop = math.prod(strides)
     x = torch.rand(2, 1, hop * 7) * 2 - 1
     out = model(x)
@@ -92,10 +95,10 @@ def test_codes_are_one_frame_per_hop(strides: tuple[int, ...]) -> None:
     assert model.decode(out.indices).shape == x.shape
 
 
-@pytest.mark.parametrize("activation", ["elu", "snake"])
-def test_contexts_bound_the_receptive_fields(activation: str) -> None:
+@pytest.mark.parametrize("activation, audio_net", [("elu", "conv"), ("snake", "conv"), ("elu", "stft")])
+def test_contexts_bound_the_receptive_fields(activation: str, audio_net: str) -> None:
     torch.manual_seed(0)
-    model = Tokenizer(dataclasses.replace(audio_config(), activation=activation))
+    model = Tokenizer(dataclasses.replace(audio_config(audio_net=audio_net), activation=activation))
     hop, frames, mid = 320, 40, 20
     x = torch.zeros(1, 1, hop * frames, requires_grad=True)
     model.encoder(x)[0, :, mid].sum().backward()
@@ -166,7 +169,18 @@ def test_spectral_scales_scale_with_the_rate() -> None:
     assert spectral_scales(8000) == [(16, 4), (32, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
 
 
-@pytest.mark.parametrize("loss", ["waveform", "spectral"])
+def test_compressed_spectrum_error_sees_phase_and_level() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(2, 1, 8000) * 0.1
+    assert float(compressed_spectrum_error(target, target, 1024)) == pytest.approx(0.0, abs=1e-6)
+    assert float(compressed_spectrum_error(torch.zeros_like(target), target, 1024)) == pytest.approx(1.0)
+    # The same magnitudes at the opposite phase: the largest error, which a magnitude loss does not see.
+    assert float(compressed_spectrum_error(-target, target, 1024)) == pytest.approx(4.0, rel=1e-4)
+    delayed = torch.roll(target, 40, dims=-1)
+    assert 0.5 < float(compressed_spectrum_error(delayed, target, 1024)) < 4.0
+
+
+@pytest.mark.parametrize("loss", ["waveform", "spectral", "complex"])
 def test_reconstruction_losses_vanish_only_on_the_target(loss: str) -> None:
     task = AudioTask.__new__(AudioTask)  # the loss needs only the rate and the choice
     task.sample_rate, task.loss = RATE, loss
@@ -176,6 +190,32 @@ def test_reconstruction_losses_vanish_only_on_the_target(loss: str) -> None:
     noisy = float(task.reconstruction_loss(target + 0.01 * torch.randn_like(target), target))
     quiet = float(task.reconstruction_loss(0.5 * target, target))
     assert noisy > 0 and quiet > 0
+
+
+@pytest.mark.parametrize("hop", [320, 15, 4])
+def test_stft_synthesis_inverts_the_analysis(hop: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, hop * 11)
+    spec = analysis(x, WINDOW_HOPS * hop, hop)
+    assert spec.shape == (3, 11, WINDOW_HOPS * hop // 2 + 1)
+    assert torch.allclose(synthesis(spec, WINDOW_HOPS * hop, hop), x, atol=1e-5)  # edges included
+    # A change to one frame's spectrum moves only the samples under its window.
+    moved = spec.clone()
+    moved[:, 5] *= 2
+    changed = (synthesis(moved, WINDOW_HOPS * hop, hop) - x).abs().amax(0) > 1e-4
+    span = changed.nonzero().flatten()
+    assert int(span.min()) >= 5 * hop - (WINDOW_HOPS - 1) * hop // 2 - 1
+    assert int(span.max()) <= 6 * hop + (WINDOW_HOPS - 1) * hop // 2
+
+
+def test_stft_nets_round_trip_in_the_config() -> None:
+    config = audio_config(audio_net="stft")
+    assert ModelConfig.from_json(config.to_json()).audio_net == "stft"
+    assert ModelConfig.from_json(audio_config().to_json()).audio_net == "conv"
+    with pytest.raises(VqtokError, match="audio net must be conv or stft"):
+        dataclasses.replace(config, audio_net="wavenet").validate()
+    with pytest.raises(VqtokError, match="--activation applies to the conv nets only"):
+        dataclasses.replace(config, activation="snake").validate()
 
 
 def test_snake_learns_its_frequency_and_round_trips_in_the_config() -> None:
@@ -218,9 +258,10 @@ def test_fewer_stages_is_fewer_bits(trained: Path, sample_audio: Path) -> None:
 # ------------------------------------------------------------------------------------------------- streams
 
 
-def test_chunked_encode_matches_whole_file(long_stereo: Path) -> None:
+@pytest.mark.parametrize("audio_net", ["conv", "stft"])
+def test_chunked_encode_matches_whole_file(long_stereo: Path, audio_net: str) -> None:
     wave = data.load_audio(long_stereo, RATE)
-    model = seeded(wave)
+    model = seeded(wave, audio_net)
     whole_wave, _ = data.pad_length(wave, model.hop)
     whole = model.encode(whole_wave[None])[0]
     assert len(torch.unique(whole[0])) >= 20, "the test model should use many codes"
@@ -234,8 +275,9 @@ def test_chunked_encode_matches_whole_file(long_stereo: Path) -> None:
     assert float((fewer == whole[:2]).float().mean()) >= 0.999
 
 
-def test_chunked_decode_matches_whole_decode(long_stereo: Path) -> None:
-    model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE])
+@pytest.mark.parametrize("audio_net", ["conv", "stft"])
+def test_chunked_decode_matches_whole_decode(long_stereo: Path, audio_net: str) -> None:
+    model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE], audio_net)
     codes = torch.randint(0, 64, (4, 90))
     whole = model.decode(codes[None])[0]
     length = 90 * 320 - 123
@@ -442,3 +484,19 @@ def test_train_command_picks_audio_defaults(clips: Path, tmp_path: Path) -> None
     assert forced.exit_code == 0, forced.output
     info = json.loads((tmp_path / "r2" / "run.json").read_text())
     assert info["model"]["sample_rate"] == 16000 and info["model"]["quantizer"]["stage_dropout"] == 0.0
+
+
+def test_stft_nets_train_encode_and_decode_from_the_command_line(clips: Path, tmp_path: Path) -> None:
+    run, tokens, recon = tmp_path / "run", tmp_path / "tokens", tmp_path / "recon"
+    result = invoke("train", clips, "--out", run, "--steps", "2", "--warmup", "1", "--channels", "16",
+                    "--res-blocks", "2", "--audio-net", "stft", "--audio-loss", "complex", "--sample-rate", "16000",
+                    "--segment-seconds", "0.2", "--checkpoint-every", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    model = run / "model.safetensors"
+    assert load(model).config.audio_net == "stft"
+    assert invoke("encode", model, clips / "nested", "--out", tokens).exit_code == 0
+    assert invoke("decode", model, tokens, "--out", recon).exit_code == 0
+    info = sf.info(str(recon / "stereo.wav"))
+    assert (info.samplerate, info.frames) == (44100, 44100 * 2 + 37)
+    bad = invoke("train", clips, "--out", tmp_path / "bad", "--audio-net", "wavenet", "--device", "cpu")
+    assert bad.exit_code == 2 and "wavenet" in bad.output and not (tmp_path / "bad").exists()

@@ -25,8 +25,10 @@ def test_audio_defaults_apply_where_not_given() -> None:
 
 
 def test_net_and_loss_options_reach_the_configs() -> None:
-    model, train = training_configs("audio", res_channels=48, activation="snake", audio_loss="spectral")
+    model, train = training_configs("audio", res_channels=48, activation="snake", audio_loss="spectral",
+                                    audio_net="stft")
     assert (model.res_channels, model.activation, train.audio_loss) == (48, "snake", "spectral")
+    assert model.audio_net == "stft" and training_configs("audio")[0].audio_net == "conv"
 
 
 def test_one_stage_audio_has_no_stage_dropout() -> None:

@@ -55,6 +55,7 @@ class CodebookUpdate(str, Enum):
 class AudioLoss(str, Enum):
     waveform = "waveform"
     spectral = "spectral"
+    complex = "complex"
 
 
 class Precision(str, Enum):
@@ -65,6 +66,11 @@ class Precision(str, Enum):
 class Activation(str, Enum):
     elu = "elu"
     snake = "snake"
+
+
+class AudioNet(str, Enum):
+    conv = "conv"
+    stft = "stft"
 
 
 class Affine(str, Enum):
@@ -159,7 +165,8 @@ def train(
     strides: Annotated[str, typer.Option(help="Audio encoder strides; their product is the hop (2,4,5,8: 320 samples, 50 frames/s at 16 kHz).")] = ",".join(map(str, _M.audio_strides)),
     segment_seconds: Annotated[float, typer.Option(help="Audio training crop length in seconds.")] = AUDIO["segment_seconds"],
     activation: Annotated[Activation, typer.Option(help="Audio nets' nonlinearity: elu (SEANet) or snake (DAC).")] = Activation(_M.activation),
-    audio_loss: Annotated[Optional[AudioLoss], typer.Option(help=f"Audio reconstruction loss: waveform (squared error + light log-mel) or spectral (multi-scale log-mel L1, as DAC) (default: {AUDIO['audio_loss']}).")] = None,
+    audio_net: Annotated[AudioNet, typer.Option(help="Audio nets: conv (SEANet convolutions at the sample rate, as EnCodec) or stft (ConvNeXt blocks at the code rate around an STFT, as Vocos; --channels is their width, --res-blocks their number).")] = AudioNet(_M.audio_net),
+    audio_loss: Annotated[Optional[AudioLoss], typer.Option(help=f"Audio reconstruction loss: waveform (squared error + light log-mel) spectral (multi-scale log-mel L1, as DAC) or complex (spectral + compressed complex spectra, which rewards the phase) (default: {AUDIO['audio_loss']}).")] = None,
     adversarial_from: Annotated[int, typer.Option(help="Audio: after this many plain steps, also train a multi-scale STFT discriminator (EnCodec) and add its adversarial and feature-matching losses; 0 = off. Steps before it cost nothing extra.")] = _T.adversarial_from,
     adversarial_weight: Annotated[float, typer.Option(help="Weight of the adversarial (hinge) loss once --adversarial-from is reached (DAC's 1, against the spectral loss's mel weight 15).")] = _T.adversarial_weight,
     feature_weight: Annotated[float, typer.Option(help="Weight of the discriminator feature-matching loss once --adversarial-from is reached (DAC's 2).")] = _T.feature_weight,
@@ -209,7 +216,7 @@ def train(
             downsample=downsample, audio_strides=_parse_strides(strides), segment_seconds=segment_seconds,
             audio_loss=audio_loss.value if audio_loss else None, adversarial_from=adversarial_from,
             adversarial_weight=adversarial_weight, feature_weight=feature_weight,
-            disc_filters=disc_filters, activation=activation.value,
+            disc_filters=disc_filters, activation=activation.value, audio_net=audio_net.value,
             channels=channels, res_blocks=res_blocks, res_channels=res_channels, scale_blocks=scale_blocks,
             code_dim=code_dim,
             codebook_size=codebook_size, stages=stages, stage_dropout=stage_dropout, estimator=estimator.value,

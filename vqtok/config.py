@@ -81,8 +81,10 @@ class ModelConfig:
     res_channels: hidden width inside those blocks (images). scale_blocks: images only; residual blocks at each
     resolution between the pixels and the code grid, on each side (0 = the VQ-VAE paper's single strided
     convolution per factor of 2).
-    image_size: training crop side in pixels (images). sample_rate: Hz (audio). activation: the audio nets'
-    nonlinearity, "elu" or "snake".
+    image_size: training crop side in pixels (images). sample_rate: Hz (audio). activation: the convolutional
+    audio nets' nonlinearity, "elu" or "snake". audio_net: "conv" (SEANet convolutions at the sample rate,
+    vqtok.nets.audio) or "stft" (ConvNeXt blocks at the code rate around an STFT, as Vocos: vqtok.nets.spectral;
+    there `channels` is the blocks' width and `res_blocks` their number on each side).
     """
 
     modality: Modality = "image"
@@ -96,6 +98,7 @@ class ModelConfig:
     sample_rate: int = 16000
     audio_strides: tuple[int, ...] = (2, 4, 5, 8)
     activation: Literal["elu", "snake"] = "elu"
+    audio_net: Literal["conv", "stft"] = "conv"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def validate(self) -> None:
@@ -110,6 +113,9 @@ class ModelConfig:
             _check(self.scale_blocks == 0, "scale blocks apply to image models only")
             _check(self.sample_rate > 0, f"sample rate must be > 0, got {self.sample_rate}")
             _check(self.activation in ("elu", "snake"), f"activation must be elu or snake, got {self.activation!r}")
+            _check(self.audio_net in ("conv", "stft"), f"audio net must be conv or stft, got {self.audio_net!r}")
+            _check(self.audio_net == "conv" or self.activation == "elu",
+                   "the stft audio nets use GELU: --activation applies to the conv nets only")
         self.quantizer.validate()
 
     def to_json(self) -> str:
@@ -134,7 +140,8 @@ class TrainConfig:
 
     val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
     segment_seconds: random training crop length for audio. audio_loss: "waveform" (squared error plus a light
-    log-mel term) or "spectral" (multi-scale log-mel L1 plus the squared error); see training/audiosets.py.
+    log-mel term), "spectral" (multi-scale log-mel L1 plus the squared error) or "complex" ("spectral" plus the
+    error of compressed complex spectra, which rewards the phase); see training/audiosets.py.
     precision: "fp32", or "bf16" to run the encoder and decoder under bfloat16 autocast (weights, optimizer, the
     quantizer and the losses stay float32): ~1.7x faster steps on a CPU with AVX512-BF16 or AMX, and on recent
     GPUs.
@@ -157,7 +164,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     segment_seconds: float = 1.0
-    audio_loss: Literal["waveform", "spectral"] = "waveform"
+    audio_loss: Literal["waveform", "spectral", "complex"] = "waveform"
     adversarial_from: int = 0
     adversarial_weight: float = 1.0
     feature_weight: float = 2.0
@@ -173,8 +180,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
         _check(self.segment_seconds > 0, "segment length must be > 0 s")
         _check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
-        _check(self.audio_loss in ("waveform", "spectral"),
-               f"audio loss must be waveform or spectral, got {self.audio_loss!r}")
+        _check(self.audio_loss in ("waveform", "spectral", "complex"),
+               f"audio loss must be waveform, spectral or complex, got {self.audio_loss!r}")
         _check(0 <= self.adversarial_from < self.steps,
                f"adversarial-from must be 0 (off) or a step below --steps {self.steps}, got {self.adversarial_from}")
         _check(self.adversarial_weight >= 0 and self.feature_weight >= 0, "adversarial weights must be >= 0")

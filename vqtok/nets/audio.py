@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vqtok.config import ModelConfig
+from vqtok.nets.spectral import SpectralDecoder, SpectralEncoder, spectral_decoder_reach, spectral_encoder_reach
 
 # Typical recordings sit around RMS 0.05 of full scale, where ELUs are almost linear and a short training run
 # learns next to nothing (measured on FSDD: -40 dB SI-SNR after 200 steps at gain 1, -4 dB at gain 10). The
@@ -129,12 +130,14 @@ def _convs(module: nn.Module) -> list[nn.Conv1d | nn.ConvTranspose1d]:
     return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
 
 
-def encoder_context(encoder: AudioEncoder) -> int:
+def encoder_context(encoder: AudioEncoder | SpectralEncoder) -> int:
     """Input samples on each side of a code frame that can change its value (an upper bound).
 
     The receptive field grows by (kernel - 1) * dilation input-rate steps of the current layer per
     convolution; half of it lies on each side, plus one hop for the frame's own span.
     """
+    if isinstance(encoder, SpectralEncoder):
+        return spectral_encoder_reach(encoder)
     reach, jump = 0, 1
     for conv in _convs(encoder):
         reach += (conv.kernel_size[0] - 1) * conv.dilation[0] * jump
@@ -142,13 +145,15 @@ def encoder_context(encoder: AudioEncoder) -> int:
     return math.ceil(reach / 2) + jump
 
 
-def decoder_context(decoder: AudioDecoder) -> int:
+def decoder_context(decoder: AudioDecoder | SpectralDecoder) -> int:
     """Code frames on each side of an output sample that can change its value (an upper bound).
 
     Walks the decoder from the output back to the codes, widening the span of inputs that feed one output
     sample: a convolution adds (kernel - 1) * dilation, a transposed convolution with stride s covers
     ceil((span + kernel) / s) of its inputs.
     """
+    if isinstance(decoder, SpectralDecoder):
+        return spectral_decoder_reach(decoder)
     span = 1
     for conv in reversed(_convs(decoder)):
         k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]

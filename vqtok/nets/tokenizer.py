@@ -142,6 +142,10 @@ def build_stacks(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """The encoder and decoder for the config's modality."""
     if config.modality == "image":
         return ImageEncoder(config), ImageDecoder(config)
+    if config.audio_net == "stft":
+        from vqtok.nets.spectral import SpectralDecoder, SpectralEncoder
+
+        return SpectralEncoder(config), SpectralDecoder(config)
     from vqtok.nets.audio import AudioDecoder, AudioEncoder
 
     return AudioEncoder(config), AudioDecoder(config)
