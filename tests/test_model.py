@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vqtok.config import ModelConfig, QuantizerConfig
@@ -48,6 +49,28 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(loaded.encode(x), model.encode(x))
     assert torch.allclose(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+
+
+def test_half_nets_halve_the_nets_and_load_as_saved(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(small_config(stages=2)).eval()
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_model(model, full)
+    before = model.fingerprint()
+    codebook = model.quantizer.quantizers[0].codebook.clone()
+    fingerprint = save_model(model, half, half_nets=True)
+    assert fingerprint != before  # the model in memory was rounded, and the fingerprint says so
+    loaded = load(half)
+    assert loaded.fingerprint() == fingerprint == read_metadata(half)["vqtok.fingerprint"]
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.equal(loaded.quantizer.quantizers[0].codebook, codebook)  # codebooks stay float32
+    with safe_open(str(half), framework="pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for k, d in dtypes.items() if k.startswith(("encoder.", "decoder."))} == {torch.float16}
+    assert {d for k, d in dtypes.items() if k.startswith("quantizer.") and d.is_floating_point} == {torch.float32}
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded.encode(x), model.encode(x))
 
 
 def test_fingerprint_changes_with_weights() -> None:

@@ -27,10 +27,20 @@ FINGERPRINT_KEY = "vqtok.fingerprint"
 # The entropy codec's context tables (vqtok.tokens.context), beside the weights when the model has them.
 CONTEXT_GROUPS = "context.groups"
 CONTEXT_COUNTS = "context.counts"
+# The state-dict prefixes of the nets, which `save_model(half_nets=True)` stores in float16.
+NETS = ("encoder.", "decoder.")
 
 
-def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] | None = None) -> str:
-    """Write `model` atomically; returns its fingerprint (also stored in the metadata)."""
+def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] | None = None, *,
+               half_nets: bool = False) -> str:
+    """Write `model` atomically; returns its fingerprint (also stored in the metadata).
+
+    half_nets: store the encoder's and decoder's floating-point weights as float16, half their bytes (the
+    quantizer's codebooks and statistics stay float32). The model's own weights are rounded to float16 first,
+    so the model in memory, its fingerprint and the one `load` rebuilds are the same; `load` returns float32.
+    """
+    if half_nets:
+        round_nets_to_half(model)
     fingerprint = model.fingerprint()
     metadata = {
         CONFIG_KEY: model.config.to_json(),
@@ -39,6 +49,8 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
         **(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half_nets:
+        tensors.update({k: v.half() for k, v in tensors.items() if k.startswith(NETS) and v.is_floating_point()})
     if model.context_table is not None:
         # int32 on disk: a count reaching 2^31 would take 2^31 code positions of fitting data.
         tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups.astype(np.int32))
@@ -46,6 +58,15 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return fingerprint
+
+
+def round_nets_to_half(model: Tokenizer) -> None:
+    """Round the encoder's and decoder's floating-point parameters and buffers to float16 values, in place
+    (their dtype stays float32)."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.startswith(NETS) and tensor.is_floating_point():
+                tensor.copy_(tensor.half())
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
