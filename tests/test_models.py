@@ -38,7 +38,10 @@ _spec.loader.exec_module(build_models)
 # the rate leave room for that, while another model or a change in what eval measures moves them further.
 DB_TOLERANCE = 0.05
 RATE_TOLERANCE = 0.01
-MAX_MODEL_BYTES = 20_000_000
+# Every shipped model rides in the wheel and the repository: each stays under 32 MB (the speech model's 12 M
+# parameters take 26.6 MB with its nets in float16), all together well under PyPI's 100 MB per file.
+MAX_MODEL_BYTES = 32_000_000
+MAX_ALL_MODELS_BYTES = 60_000_000
 
 
 def invoke(*args: object):
@@ -58,6 +61,7 @@ def card_of(name: str) -> dict:
 def test_card_figures_are_reproduced_by_eval(name: str, one_torch_thread) -> None:
     card = card_of(name)
     assert (ROOT / "models" / name / zoo.MODEL_FILE).stat().st_size < MAX_MODEL_BYTES
+    assert sum(p.stat().st_size for p in (ROOT / "models").glob(f"*/{zoo.MODEL_FILE}")) < MAX_ALL_MODELS_BYTES
     assert card["sample"]["data"] == build_models.RECIPES[name].sample
     quality = zoo.QUALITY[card["modality"]][0]
     for row in card["sample"]["rows"]:
