@@ -331,8 +331,7 @@ def store_half_nets(source: Path) -> None:
     from vqtok.modelfile import CONFIG_KEY, FINGERPRINT_KEY, NETS, VERSION_KEY, load, read_metadata, save_model
 
     with safe_open(str(source), framework="pt") as f:
-        if all(f.get_slice(k).get_dtype() == "F16" for k in f.keys() if k.startswith(NETS)
-               and f.get_slice(k).get_dtype() in ("F16", "F32")):
+        if not any(f.get_slice(k).get_dtype() == "F32" for k in f.keys() if k.startswith(NETS)):
             return
     kept = {k: v for k, v in read_metadata(source).items() if k not in (CONFIG_KEY, VERSION_KEY, FINGERPRINT_KEY)}
     print(f"{source}: storing the nets' weights in float16", file=sys.stderr)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from vqtok.config import ModelConfig
-from vqtok.nets.spectral import SpectralDecoder, SpectralEncoder, spectral_decoder_reach, spectral_encoder_reach
 
 # Typical recordings sit around RMS 0.05 of full scale, where ELUs are almost linear and a short training run
 # learns next to nothing (measured on FSDD: -40 dB SI-SNR after 200 steps at gain 1, -4 dB at gain 10). The
@@ -130,14 +129,14 @@ def _convs(module: nn.Module) -> list[nn.Conv1d | nn.ConvTranspose1d]:
     return [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
 
 
-def encoder_context(encoder: AudioEncoder | SpectralEncoder) -> int:
+def encoder_context(encoder: nn.Module) -> int:
     """Input samples on each side of a code frame that can change its value (an upper bound).
 
     The receptive field grows by (kernel - 1) * dilation input-rate steps of the current layer per
     convolution; half of it lies on each side, plus one hop for the frame's own span.
     """
-    if isinstance(encoder, SpectralEncoder):
-        return spectral_encoder_reach(encoder)
+    if not isinstance(encoder, AudioEncoder):
+        return encoder.context  # the frame-rate nets (vqtok.nets.spectral) give their own
     reach, jump = 0, 1
     for conv in _convs(encoder):
         reach += (conv.kernel_size[0] - 1) * conv.dilation[0] * jump
@@ -145,15 +144,15 @@ def encoder_context(encoder: AudioEncoder | SpectralEncoder) -> int:
     return math.ceil(reach / 2) + jump
 
 
-def decoder_context(decoder: AudioDecoder | SpectralDecoder) -> int:
+def decoder_context(decoder: nn.Module) -> int:
     """Code frames on each side of an output sample that can change its value (an upper bound).
 
     Walks the decoder from the output back to the codes, widening the span of inputs that feed one output
     sample: a convolution adds (kernel - 1) * dilation, a transposed convolution with stride s covers
     ceil((span + kernel) / s) of its inputs.
     """
-    if isinstance(decoder, SpectralDecoder):
-        return spectral_decoder_reach(decoder)
+    if not isinstance(decoder, AudioDecoder):
+        return decoder.context  # the frame-rate nets (vqtok.nets.spectral) give their own
     span = 1
     for conv in reversed(_convs(decoder)):
         k, d, s = conv.kernel_size[0], conv.dilation[0], conv.stride[0]

@@ -6,14 +6,14 @@ the sample rate to an FFT:
 
 - Encoder: frames of n_fft = 4 x hop samples (Hann window), one per hop and centred on that hop's span, ->
   log magnitude and power-law compressed real and imaginary parts (3 x (n_fft / 2 + 1) features) -> a
-  linear map to `config.channels` (the overlapping windows already span four hops) -> `config.res_blocks` ConvNeXt blocks -> LayerNorm -> a linear
-  map to the code dimension.
+  linear map to `config.channels` (the overlapping windows already span four hops) -> `config.res_blocks`
+  ConvNeXt blocks -> LayerNorm -> a linear map to the code dimension.
 - Decoder (Siuzdak 2023, Vocos): a kernel-7 convolution from the code dimension -> ConvNeXt blocks ->
   LayerNorm -> a linear map to a log magnitude and a phase per frequency bin -> inverse FFT, window and
   overlap-add, normalised by the summed squared window.
 
 Every layer is zero padded at the signal's edges the way the convolutional nets are, so a frame's codes depend
-only on the samples within `encoder_reach` of it, and a sample only on the frames within `decoder_reach`:
+only on the samples within the encoder's `context` of it, and a sample only on the frames within the decoder's:
 what chunked encoding and decoding of long files rely on.
 """
 
@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import ModelConfig
-
-# The same waveform scaling as the convolutional nets (vqtok.nets.audio.INPUT_GAIN): unit-scale features.
-INPUT_GAIN = 10.0
+from vqtok.nets.audio import INPUT_GAIN  # the convolutional nets' waveform scaling: unit-scale features
 # The analysis and synthesis window spans this many hops (Vocos and WavTokenizer use 4).
 WINDOW_HOPS = 4
 # Vocos caps the predicted magnitude so that an early, untrained step cannot overflow the inverse FFT.
@@ -106,11 +104,16 @@ class SpectralEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t = x.shape
         spec = analysis(x.float().reshape(b * c, t) * INPUT_GAIN, self.n_fft, self.hop)  # (B C, F, bins)
-        magnitude = spec.abs()
-        compressed = spec * (magnitude + 1e-7).pow(COMPRESSION - 1.0)
-        features = torch.cat([torch.log(magnitude + 1e-5), compressed.real, compressed.imag], dim=-1)
+        compressed = compress(spec)
+        features = torch.cat([torch.log(spec.abs() + 1e-5), compressed.real, compressed.imag], dim=-1)
         features = features.reshape(b, c, -1, features.shape[-1]).permute(0, 1, 3, 2).reshape(b, -1, t // self.hop)
         return self.out(self.backbone(features.to(x.dtype))).transpose(1, 2)
+
+    @property
+    def context(self) -> int:
+        """Input samples on each side of a code frame that can change its value (an upper bound): the frame's
+        window reaches (n_fft - hop) / 2 past its hop, and the backbone's convolutions reach whole frames."""
+        return (self.n_fft - self.hop) // 2 + self.hop + self.backbone.reach * self.hop
 
 
 class SpectralDecoder(nn.Module):
@@ -132,6 +135,17 @@ class SpectralDecoder(nn.Module):
         h = h.reshape(b, frames, c, 2, bins).permute(0, 2, 1, 3, 4).reshape(b * c, frames, 2, bins)
         spec = torch.polar(torch.exp(h[:, :, 0].clamp(max=MAX_LOG_MAGNITUDE)), h[:, :, 1])
         return synthesis(spec, self.n_fft, self.hop).reshape(b, c, -1) / INPUT_GAIN
+
+    @property
+    def context(self) -> int:
+        """Code frames on each side of an output sample that can change its value (an upper bound): the frames
+        whose windows overlap the sample's, plus the backbone's reach."""
+        return -(-self.n_fft // (2 * self.hop)) + 1 + self.backbone.reach
+
+
+def compress(spec: torch.Tensor) -> torch.Tensor:
+    """Complex spectra with each magnitude |S| replaced by |S|^COMPRESSION, phase kept (same shape)."""
+    return spec * (spec.abs() + 1e-7).pow(COMPRESSION - 1.0)
 
 
 def analysis(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
@@ -159,15 +173,3 @@ def _overlap_add(pieces: torch.Tensor, hop: int) -> torch.Tensor:
     out = F.fold(pieces.transpose(1, 2), output_size=(1, (frames - 1) * hop + size), kernel_size=(1, size),
                  stride=(1, hop))
     return out.reshape(n, -1)
-
-
-def spectral_encoder_reach(encoder: SpectralEncoder) -> int:
-    """Input samples on each side of a code frame that can change its value (an upper bound): the frame's
-    window reaches (n_fft - hop) / 2 past its hop, and the backbone's convolutions reach whole frames."""
-    return (encoder.n_fft - encoder.hop) // 2 + encoder.hop + encoder.backbone.reach * encoder.hop
-
-
-def spectral_decoder_reach(decoder: SpectralDecoder) -> int:
-    """Code frames on each side of an output sample that can change its value (an upper bound): the frames
-    whose windows overlap the sample's, plus the backbone's reach."""
-    return -(-decoder.n_fft // (2 * decoder.hop)) + 1 + decoder.backbone.reach

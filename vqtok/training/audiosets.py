@@ -39,6 +39,7 @@ from vqtok.data.streams import AudioSegments, Item, fixed_items, read_audio_head
 from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
 from vqtok.nets.audio import INPUT_GAIN
+from vqtok.nets.spectral import compress
 from vqtok.nets.tokenizer import Tokenizer
 
 # Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
@@ -57,7 +58,6 @@ SPECTRAL_FLOOR = 1e-5
 # The "complex" loss adds to "spectral" the error of power-law compressed complex spectra (as in speech
 # enhancement), which rewards the waveform's phase where the signal has energy.
 COMPLEX_WINDOW = 1024
-COMPLEX_COMPRESSION = 0.3
 COMPLEX_WEIGHT = 2.0
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
@@ -116,8 +116,7 @@ def compressed_spectrum_error(recon: torch.Tensor, target: torch.Tensor, n_fft: 
     window = torch.hann_window(n_fft, device=recon.device)
 
     def compressed(x: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True)
-        return spec * (spec.abs() + 1e-7).pow(COMPLEX_COMPRESSION - 1.0)
+        return compress(torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True))
 
     r, t = compressed(recon), compressed(target)
     return (r - t).abs().pow(2).mean() / t.abs().pow(2).mean().detach().clamp(min=1e-8)
