@@ -33,10 +33,11 @@ from vqtok.training.loop import train
 RATE = 16000
 
 
-def audio_config(strides: tuple[int, ...] = (2, 4, 5, 8), stages: int = 4, audio_net: str = "conv") -> ModelConfig:
+def audio_config(strides: tuple[int, ...] = (2, 4, 5, 8), stages: int = 4, audio_net: str = "conv",
+                 synthesis_frames: int = 1) -> ModelConfig:
     return ModelConfig(modality="audio", in_channels=1, channels=32, res_blocks=1, sample_rate=RATE,
                        audio_strides=strides, downsample=math.prod(strides), audio_net=audio_net,
-                       quantizer=QuantizerConfig(dim=16, codebook_size=64, stages=stages, stage_dropout=0.5))
+                       synthesis_frames=synthesis_frames, quantizer=QuantizerConfig(dim=16, codebook_size=64, stages=stages, stage_dropout=0.5))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,12 +53,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fsdd16: Path) -> Path:
     return run
 
 
-def seeded(wave: torch.Tensor, audio_net: str = "conv") -> Tokenizer:
+def seeded(wave: torch.Tensor, audio_net: str = "conv", synthesis_frames: int = 1) -> Tokenizer:
     """An untrained model whose codebooks are frames of `wave` (1, T) encoded, stage by stage, plus noise (so
     no code sits exactly on a frame, which would leave later stages a zero residual and exact ties), so that
     its codes vary with the input the way a trained model's do."""
     torch.manual_seed(0)
-    model = Tokenizer(audio_config(audio_net=audio_net)).eval()
+    model = Tokenizer(audio_config(audio_net=audio_net, synthesis_frames=synthesis_frames)).eval()
     padded, _ = data.pad_length(wave, model.hop)
     with torch.no_grad():
         residual = model._to_vectors(model.encoder(padded[None]))
@@ -95,10 +96,13 @@ def test_codes_are_one_frame_per_hop(strides: tuple[int, ...], audio_net: str) -
     assert model.decode(out.indices).shape == x.shape
 
 
-@pytest.mark.parametrize("activation, audio_net", [("elu", "conv"), ("snake", "conv"), ("elu", "stft")])
-def test_contexts_bound_the_receptive_fields(activation: str, audio_net: str) -> None:
+@pytest.mark.parametrize("activation, audio_net, synthesis_frames",
+                         [("elu", "conv", 1), ("snake", "conv", 1), ("elu", "stft", 1), ("elu", "stft", 2),
+                          ("elu", "stft", 4)])
+def test_contexts_bound_the_receptive_fields(activation: str, audio_net: str, synthesis_frames: int) -> None:
     torch.manual_seed(0)
-    model = Tokenizer(dataclasses.replace(audio_config(audio_net=audio_net), activation=activation))
+    config = audio_config(audio_net=audio_net, synthesis_frames=synthesis_frames)
+    model = Tokenizer(dataclasses.replace(config, activation=activation))
     hop, frames, mid = 320, 40, 20
     x = torch.zeros(1, 1, hop * frames, requires_grad=True)
     model.encoder(x)[0, :, mid].sum().backward()
@@ -218,6 +222,31 @@ def test_stft_nets_round_trip_in_the_config() -> None:
         dataclasses.replace(config, activation="snake").validate()
 
 
+def test_synthesis_frames_split_each_code_frame_into_finer_stft_frames() -> None:
+    config = audio_config(audio_net="stft", synthesis_frames=4)
+    assert ModelConfig.from_json(config.to_json()).synthesis_frames == 4
+    assert ModelConfig.from_json(audio_config(audio_net="stft").to_json()).synthesis_frames == 1
+    coarse, fine = Tokenizer(audio_config(audio_net="stft")).decoder, Tokenizer(config).decoder
+    assert (coarse.hop, coarse.n_fft, fine.hop, fine.n_fft) == (320, 1280, 80, 320)
+    # The same width: four spectra of 161 bins against one of 641.
+    assert fine.head.out_features == 4 * (320 + 2) and coarse.head.out_features == 1280 + 2
+    z = torch.zeros(1, 16, 6)
+    bins = 320 // 2 + 1
+    with torch.no_grad():
+        fine.head.weight.zero_()
+        # Log magnitude 0 and phase pi k in bin k of every spectrum: each synthesis frame is an impulse at its
+        # window's centre, so the output repeats every fine hop (80 samples), not every code hop.
+        fine.head.bias.copy_(torch.cat([torch.zeros(bins), math.pi * torch.arange(bins)]).repeat(4))
+        wave = fine(z)[0, 0]
+    assert wave.shape == (6 * 320,)
+    inner = wave[320:-320]
+    assert torch.allclose(inner, inner.roll(80), atol=1e-5) and not torch.allclose(inner, inner.roll(40), atol=1e-3)
+    with pytest.raises(VqtokError, match="divide the hop"):
+        dataclasses.replace(config, synthesis_frames=3).validate()
+    with pytest.raises(VqtokError, match="stft audio nets only"):
+        dataclasses.replace(audio_config(), synthesis_frames=2).validate()
+
+
 def test_snake_learns_its_frequency_and_round_trips_in_the_config() -> None:
     config = dataclasses.replace(audio_config(), activation="snake")
     assert ModelConfig.from_json(config.to_json()).activation == "snake"
@@ -275,9 +304,9 @@ def test_chunked_encode_matches_whole_file(long_stereo: Path, audio_net: str) ->
     assert float((fewer == whole[:2]).float().mean()) >= 0.999
 
 
-@pytest.mark.parametrize("audio_net", ["conv", "stft"])
-def test_chunked_decode_matches_whole_decode(long_stereo: Path, audio_net: str) -> None:
-    model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE], audio_net)
+@pytest.mark.parametrize("audio_net, synthesis_frames", [("conv", 1), ("stft", 1), ("stft", 2)])
+def test_chunked_decode_matches_whole_decode(long_stereo: Path, audio_net: str, synthesis_frames: int) -> None:
+    model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE], audio_net, synthesis_frames)
     codes = torch.randint(0, 64, (4, 90))
     whole = model.decode(codes[None])[0]
     length = 90 * 320 - 123
@@ -489,14 +518,18 @@ def test_train_command_picks_audio_defaults(clips: Path, tmp_path: Path) -> None
 def test_stft_nets_train_encode_and_decode_from_the_command_line(clips: Path, tmp_path: Path) -> None:
     run, tokens, recon = tmp_path / "run", tmp_path / "tokens", tmp_path / "recon"
     result = invoke("train", clips, "--out", run, "--steps", "2", "--warmup", "1", "--channels", "16",
-                    "--res-blocks", "2", "--audio-net", "stft", "--audio-loss", "complex", "--sample-rate", "16000",
+                    "--res-blocks", "2", "--audio-net", "stft", "--synthesis-frames", "2", "--audio-loss", "complex",
+                    "--sample-rate", "16000",
                     "--segment-seconds", "0.2", "--checkpoint-every", "2", "--device", "cpu")
     assert result.exit_code == 0, result.output
     model = run / "model.safetensors"
-    assert load(model).config.audio_net == "stft"
+    assert (load(model).config.audio_net, load(model).config.synthesis_frames) == ("stft", 2)
     assert invoke("encode", model, clips / "nested", "--out", tokens).exit_code == 0
     assert invoke("decode", model, tokens, "--out", recon).exit_code == 0
     info = sf.info(str(recon / "stereo.wav"))
     assert (info.samplerate, info.frames) == (44100, 44100 * 2 + 37)
     bad = invoke("train", clips, "--out", tmp_path / "bad", "--audio-net", "wavenet", "--device", "cpu")
     assert bad.exit_code == 2 and "wavenet" in bad.output and not (tmp_path / "bad").exists()
+    odd = invoke("train", clips, "--out", tmp_path / "odd", "--audio-net", "stft", "--synthesis-frames", "3",
+                 "--device", "cpu")
+    assert odd.exit_code == 1 and "divide the hop (320 samples)" in odd.output and not (tmp_path / "odd").exists()

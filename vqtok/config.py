@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +85,9 @@ class ModelConfig:
     image_size: training crop side in pixels (images). sample_rate: Hz (audio). activation: the convolutional
     audio nets' nonlinearity, "elu" or "snake". audio_net: "conv" (SEANet convolutions at the sample rate,
     vqtok.nets.audio) or "stft" (ConvNeXt blocks at the code rate around an STFT, as Vocos: vqtok.nets.spectral;
-    there `channels` is the blocks' width and `res_blocks` their number on each side).
+    there `channels` is the blocks' width and `res_blocks` their number on each side). synthesis_frames: stft
+    nets only; inverse-STFT frames the decoder predicts per code frame (hop / synthesis_frames samples apart,
+    windows of 4 such hops), so it resolves time finer than the code rate at no extra width.
     """
 
     modality: Modality = "image"
@@ -99,6 +102,7 @@ class ModelConfig:
     audio_strides: tuple[int, ...] = (2, 4, 5, 8)
     activation: Literal["elu", "snake"] = "elu"
     audio_net: Literal["conv", "stft"] = "conv"
+    synthesis_frames: int = 1
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def validate(self) -> None:
@@ -116,6 +120,11 @@ class ModelConfig:
             _check(self.audio_net in ("conv", "stft"), f"audio net must be conv or stft, got {self.audio_net!r}")
             _check(self.audio_net == "conv" or self.activation == "elu",
                    "the stft audio nets use GELU: --activation applies to the conv nets only")
+            hop = math.prod(self.audio_strides)
+            _check(self.synthesis_frames == 1 or self.audio_net == "stft",
+                   "--synthesis-frames applies to the stft audio nets only")
+            _check(self.synthesis_frames >= 1 and hop % self.synthesis_frames == 0,
+                   f"synthesis frames must be >= 1 and divide the hop ({hop} samples), got {self.synthesis_frames}")
         self.quantizer.validate()
 
     def to_json(self) -> str:

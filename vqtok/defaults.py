@@ -33,7 +33,7 @@ _QUANTIZER = {"code_dim": "dim", "codebook_size": "codebook_size", "stages": "st
               "dead_code_steps": "dead_code_steps", "cosine": "cosine"}
 _MODEL = {"channels": "channels", "downsample": "downsample", "res_blocks": "res_blocks",
           "res_channels": "res_channels", "scale_blocks": "scale_blocks", "audio_strides": "audio_strides", "activation": "activation",
-          "audio_net": "audio_net"}
+          "audio_net": "audio_net", "synthesis_frames": "synthesis_frames"}
 _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed",
           "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
           "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",

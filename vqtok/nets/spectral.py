@@ -9,8 +9,10 @@ the sample rate to an FFT:
   linear map to `config.channels` (the overlapping windows already span four hops) -> `config.res_blocks`
   ConvNeXt blocks -> LayerNorm -> a linear map to the code dimension.
 - Decoder (Siuzdak 2023, Vocos): a kernel-7 convolution from the code dimension -> ConvNeXt blocks ->
-  LayerNorm -> a linear map to a log magnitude and a phase per frequency bin -> inverse FFT, window and
-  overlap-add, normalised by the summed squared window.
+  LayerNorm -> a linear map to a log magnitude and a phase per frequency bin of `synthesis_frames` spectra
+  per code frame -> inverse FFT, window and overlap-add, normalised by the summed squared window. With
+  several spectra per code frame the synthesis windows are shorter (4 x hop / synthesis_frames samples), so
+  an onset or a pitch change is not smeared over four code hops.
 
 Every layer is zero padded at the signal's edges the way the convolutional nets are, so a frame's codes depend
 only on the samples within the encoder's `context` of it, and a sample only on the frames within the decoder's:
@@ -117,30 +119,35 @@ class SpectralEncoder(nn.Module):
 
 
 class SpectralDecoder(nn.Module):
-    """(B, D, F) code vectors -> (B, 1, F * hop) waveform on the [-1, 1] scale (unclamped)."""
+    """(B, D, F) code vectors -> (B, 1, F * code hop) waveform on the [-1, 1] scale (unclamped), synthesised
+    from `config.synthesis_frames` STFT frames per code frame."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.hop = math.prod(config.audio_strides)
+        self.frames_per_code = config.synthesis_frames
+        self.hop = math.prod(config.audio_strides) // self.frames_per_code  # between synthesis frames
         self.n_fft = WINDOW_HOPS * self.hop
         self.channels_out = config.in_channels
         self.backbone = Backbone(config.quantizer.dim, config.channels, config.res_blocks, embed_kernel=KERNEL)
-        self.head = nn.Linear(config.channels, config.in_channels * (self.n_fft + 2))
+        # Per code frame: frames_per_code spectra of n_fft / 2 + 1 bins, a log magnitude and a phase each. The
+        # width hardly depends on frames_per_code: finer frames have proportionally fewer bins.
+        self.head = nn.Linear(config.channels, config.in_channels * self.frames_per_code * (self.n_fft + 2))
         _init_weights(self.head)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b, _, frames = z.shape
-        c, bins = self.channels_out, self.n_fft // 2 + 1
-        h = self.head(self.backbone(z)).float()  # (B, F, C * 2 bins)
-        h = h.reshape(b, frames, c, 2, bins).permute(0, 2, 1, 3, 4).reshape(b * c, frames, 2, bins)
+        c, u, bins = self.channels_out, self.frames_per_code, self.n_fft // 2 + 1
+        h = self.head(self.backbone(z)).float()  # (B, F, C * U * 2 bins)
+        h = h.reshape(b, frames, c, u, 2, bins).permute(0, 2, 1, 3, 4, 5).reshape(b * c, frames * u, 2, bins)
         spec = torch.polar(torch.exp(h[:, :, 0].clamp(max=MAX_LOG_MAGNITUDE)), h[:, :, 1])
         return synthesis(spec, self.n_fft, self.hop).reshape(b, c, -1) / INPUT_GAIN
 
     @property
     def context(self) -> int:
-        """Code frames on each side of an output sample that can change its value (an upper bound): the frames
-        whose windows overlap the sample's, plus the backbone's reach."""
-        return -(-self.n_fft // (2 * self.hop)) + 1 + self.backbone.reach
+        """Code frames on each side of an output sample that can change its value (an upper bound): the code
+        frames of the synthesis windows that overlap the sample, plus the backbone's reach."""
+        code_hop = self.hop * self.frames_per_code
+        return -(-self.n_fft // (2 * code_hop)) + 1 + self.backbone.reach
 
 
 def compress(spec: torch.Tensor) -> torch.Tensor:
