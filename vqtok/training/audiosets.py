@@ -1,7 +1,7 @@
 """Audio training: random fixed-length segments streamed from the files, the reconstruction loss, and
 validation on a fixed, seeded segment of each held-out file.
 
-Four reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
+Three reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
 - "waveform": a squared error on the waveform plus a lightly weighted multi-resolution log-mel loss (L1 between
   log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled with the sample
   rate). The weighting is what a short CPU run can learn from: with an L1 waveform term the output collapses
@@ -14,12 +14,7 @@ Four reconstruction losses (`TrainConfig.audio_loss`); the training loop adds th
   phase, 1024-sample window at 16 kHz), relative to the target's, at weight 2. Magnitude losses leave the
   phase free, and a decoder that synthesises through an inverse STFT (`--audio-net stft`) then overlaps frames
   of unrelated phase (SI-SNR -27 dB after 3,000 steps on LibriSpeech); this term makes it -14 dB and raises
-  PESQ and STOI (benchmarks/README.md). Its optimum shrinks the output wherever the phase is uncertain (the
-  mean of a complex number of unknown phase is 0), and it outweighs the mel term's pull on the level: after
-  2,000 steps of the shipped recipe, speech came back 8-9 dB too quiet.
-- "phase": "spectral" plus the same error with the target's compressed magnitudes put under the output's
-  phases, so it rewards the phase (weighted by where the target has energy) and leaves the magnitudes, and so
-  the level, to the mel term.
+  PESQ and STOI (benchmarks/README.md).
 The constants below record what was measured.
 
 Validation runs up to VAL_SECONDS of each held-out file (a whole file when it is shorter) through the model,
@@ -64,10 +59,6 @@ SPECTRAL_FLOOR = 1e-5
 # enhancement), which rewards the waveform's phase where the signal has energy.
 COMPLEX_WINDOW = 1024
 COMPLEX_WEIGHT = 2.0
-# The "phase" loss: the same window and weight. Spectra are at the nets' scale (INPUT_GAIN), where speech bins
-# in a 1024 window reach 1-100: a floor of 0.01 leaves their phasors whole.
-PHASE_WEIGHT = 2.0
-PHASE_FLOOR = 1e-2
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
 # Validation segments: up to this many seconds of each held-out file, from a seeded offset.
@@ -118,29 +109,17 @@ def complex_window(sample_rate: int) -> int:
     return 2 ** max(6, round(math.log2(COMPLEX_WINDOW * sample_rate / 16000)))
 
 
-def _loss_stft(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """(B, 1, T) -> (B, n_fft / 2 + 1, frames) complex STFT, Hann window, hop n_fft / 4."""
-    window = torch.hann_window(n_fft, device=x.device)
-    return torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True)
-
-
 def compressed_spectrum_error(recon: torch.Tensor, target: torch.Tensor, n_fft: int) -> torch.Tensor:
     """Squared error between power-law compressed complex spectra (|S|^0.3 with S's phase; Hann window, hop
     n_fft / 4) relative to the target's compressed energy: (B, 1, T) pairs -> scalar, 0 only when the spectra
     match in magnitude and phase, 1 for silence against any target, 2 for the right magnitudes at random phase."""
-    r, t = compress(_loss_stft(recon, n_fft)), compress(_loss_stft(target, n_fft))
+    window = torch.hann_window(n_fft, device=recon.device)
+
+    def compressed(x: torch.Tensor) -> torch.Tensor:
+        return compress(torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True))
+
+    r, t = compressed(recon), compressed(target)
     return (r - t).abs().pow(2).mean() / t.abs().pow(2).mean().detach().clamp(min=1e-8)
-
-
-def phase_error(recon: torch.Tensor, target: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """`compressed_spectrum_error` with the target's compressed magnitudes under both spectra's phases: (B, 1, T)
-    pairs -> scalar, mean |t_c|^2 |e^(i phi_r) - e^(i phi_t)|^2 over mean |t_c|^2, 0 when the phases match where
-    the target has energy, 2 for random phases, 4 for opposite ones. No gradient reaches the output's magnitudes
-    (bins of either spectrum below PHASE_FLOOR count with a shrunken phasor, which keeps the gradient bounded)."""
-    r, t = _loss_stft(recon, n_fft), _loss_stft(target, n_fft)
-    weight = compress(t).abs()
-    unit_r, unit_t = r / (r.abs() + PHASE_FLOOR), t / (t.abs() + PHASE_FLOOR)
-    return (weight.pow(2) * (unit_r - unit_t).abs().pow(2)).mean() / weight.pow(2).mean().clamp(min=1e-8)
 
 
 def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> int:
@@ -180,15 +159,12 @@ class AudioTask:
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         wave = F.mse_loss(recon * INPUT_GAIN, target * INPUT_GAIN)
-        if self.loss in ("spectral", "complex", "phase"):
+        if self.loss in ("spectral", "complex"):
             mel = log_mel_l1(recon, target, self.sample_rate, spectral_scales(self.sample_rate), SPECTRAL_FLOOR)
             loss = wave + SPECTRAL_WEIGHT * mel
-            window = complex_window(self.sample_rate)
             if self.loss == "complex":
                 loss = loss + COMPLEX_WEIGHT * compressed_spectrum_error(recon * INPUT_GAIN, target * INPUT_GAIN,
-                                                                         window)
-            elif self.loss == "phase":
-                loss = loss + PHASE_WEIGHT * phase_error(recon * INPUT_GAIN, target * INPUT_GAIN, window)
+                                                                         complex_window(self.sample_rate))
             return loss
         mel = log_mel_l1(recon, target, self.sample_rate, mel_sizes(self.sample_rate), MEL_FLOOR)
         return RECON_WEIGHT * (wave + MEL_WEIGHT * mel)
