@@ -234,3 +234,34 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     assert other["rates"] == [24000] and [r["stages"] for r in other["rows"]] == [1, 2]
     if "pesq" not in speech.missing_packages():
         assert all(math.isfinite(r["pesq_drop"]) for r in other["rows"])
+
+
+# --- benchmarks/speech_diagnosis.py ----------------------------------------------------------------------------
+
+
+def test_diagnosis_end_to_end(model_path: Path, clips: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("speech_diagnosis", ROOT / "benchmarks" / "speech_diagnosis.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["speech_diagnosis.py", str(model_path), "--data", str(clips), "--clips", "2",
+                                      "--out", str(out)])
+    bench.main()
+    result = json.loads((out / "speech_diagnosis.json").read_text())
+    assert result["clips"] == ["digit.wav", "talk.flac"]
+    rows = {row["row"]: row for row in result["rows"]}
+    assert list(rows) == list(bench.HYBRIDS)
+    # The hybrids' STFT machinery is transparent, and putting back the original's magnitudes under an untrained
+    # model's phases gets closer to the original than the model's output alone.
+    assert rows["original, STFT round trip"]["si_snr_db"] > 60
+    assert rows["original magnitudes, model phases"]["si_snr_db"] > rows["model"]["si_snr_db"]
+    if "pystoi" not in speech.missing_packages():
+        assert rows["original, STFT round trip"]["stoi"] > 0.99
+    # An untrained decoder ignores the input's level: a quarter of the input comes out 12 dB louder relative to it.
+    levels = {row["gain"]: row["level_db"] for row in result["levels"]}
+    assert sorted(levels) == [0.25, 1.0, 2.0]
+    assert levels[0.25] - levels[1.0] > 6
+    assert "where the quality goes" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["speech_diagnosis.py", str(model_path), "--data", str(clips), "--clips", "0"])
+    with pytest.raises(SystemExit, match="--clips must be at least 1"):
+        bench.main()
