@@ -8,20 +8,17 @@ import dataclasses
 import fnmatch
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vqtok import zoo
 from vqtok.cli import app
 from vqtok.config import ModelConfig, QuantizerConfig
-from vqtok.data.io import load_audio, pad_length
 from vqtok.errors import VqtokError
 from vqtok.modelfile import load, save_model
 from vqtok.nets.tokenizer import Tokenizer
@@ -45,9 +42,6 @@ RATE_TOLERANCE = 0.01
 # parameters take 26.6 MB with its nets in float16), all together well under PyPI's 100 MB per file.
 MAX_MODEL_BYTES = 32_000_000
 MAX_ALL_MODELS_BYTES = 60_000_000
-# How far a decoded clip's energy may be from the original's. Lossy codecs change the level a little (the
-# shipped speech model: within MEASURED); a decoder that clips loud speech is off by several dB.
-LEVEL_TOLERANCE_DB = 1.5
 
 
 def invoke(*args: object):
@@ -78,21 +72,6 @@ def test_card_figures_are_reproduced_by_eval(name: str, one_torch_thread) -> Non
         assert got[quality] == pytest.approx(row[quality], abs=DB_TOLERANCE), (name, row["stages"], quality)
         for rate in zoo.RATES[card["modality"]]:
             assert got[rate] == pytest.approx(row[rate], rel=RATE_TOLERANCE), (name, row["stages"], rate)
-
-
-@pytest.mark.parametrize("gain", [1.0, 0.25])
-def test_speech_model_keeps_the_level_of_what_it_decodes(gain: float, one_torch_thread) -> None:
-    """Speech comes back at the level it went in, at the sample's own level and 12 dB below: a decoder that
-    clipped its loud harmonics (as a fixed magnitude cap once did) gave loud speech back 9 dB too quiet."""
-    card_of("speech")
-    model = load(ROOT / "models" / "speech" / zoo.MODEL_FILE).eval()
-    for path in sorted((ROOT / "samples" / "heldout" / "speech").glob("*.flac")):
-        wave = gain * load_audio(path, model.config.sample_rate)
-        padded, length = pad_length(wave, model.hop)
-        with torch.no_grad():
-            decoded = model(padded[None]).recon[0, :, :length]
-        level_db = 10 * math.log10(float(decoded.pow(2).sum() / wave.pow(2).sum()))
-        assert abs(level_db) < LEVEL_TOLERANCE_DB, (path.name, gain, level_db)
 
 
 def test_names_work_from_any_folder(tmp_path: Path, monkeypatch, one_torch_thread) -> None:
