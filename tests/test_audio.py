@@ -16,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 from vqtok.data import io as data
-from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
+from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import (AudioTask, compressed_spectrum_error, mel_sizes, segment_samples,
