@@ -130,6 +130,8 @@ def test_inspect_tokens_and_model(model_path: Path, images: Path, tmp_path: Path
     via_model = json.loads(invoke("inspect", model_path, "--data", images, "--json").stdout)
     assert via_model["stages"][0]["used"] == stage["used"]
     assert via_model["stages"][0]["perplexity"] == pytest.approx(stage["perplexity"])
+    via_run = json.loads(invoke("inspect", model_path.parent, "--data", images, "--json").stdout)
+    assert via_run["stages"][0]["used"] == stage["used"]
     table = invoke("inspect", tmp_path / "t")
     assert table.exit_code == 0 and "perplexity" in table.stdout
 

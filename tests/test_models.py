@@ -107,6 +107,22 @@ def test_a_file_beats_a_name_and_a_folder_does_not(tmp_path: Path, monkeypatch) 
         zoo.resolve(Path("runs") / "mnist")
 
 
+def test_a_folder_means_the_model_file_in_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(VqtokError, match=f"{run}: a folder with no model.safetensors in it"):
+        zoo.resolve(run)
+    own = Tokenizer(ModelConfig(channels=8, res_channels=8, quantizer=QuantizerConfig(dim=4, codebook_size=8)))
+    save_model(own, run / zoo.MODEL_FILE)
+    assert zoo.resolve(run) == run / zoo.MODEL_FILE
+    assert load(run).fingerprint() == own.fingerprint()
+    assert load(zoo.models_dir() / "mnist").fingerprint() == load("mnist").fingerprint()
+    result = invoke("encode", tmp_path, ROOT / "samples" / "heldout" / "mnist", "--out", tmp_path / "t")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: a folder with no model.safetensors in it; MODEL is a model file, a folder holding one "
+        "(a training run), or a shipped model's name"], result.stderr
+
+
 def test_unknown_name_is_one_error_listing_the_shipped_names(tmp_path: Path) -> None:
     result = invoke("encode", "mnsit", ROOT / "samples" / "heldout" / "mnist", "--out", tmp_path / "t")
     assert result.exit_code == 1

@@ -287,7 +287,7 @@ def _training_progress(steps: int) -> tuple[Progress, Any]:
 
 @app.command()
 def encode(
-    model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train`, or a shipped model's name (`vqtok models`).")],
+    model: Annotated[Path, typer.Argument(help="A model.safetensors written by `vqtok train` (or its run folder), or a shipped model's name (`vqtok models`).")],
     inputs: Annotated[list[Path], typer.Argument(help="Files or folders to encode (walked recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .vqt files; mirrors the input tree.")],
     force: Annotated[bool, typer.Option(help="Re-encode files whose token file already exists.")] = False,
@@ -317,7 +317,7 @@ def encode(
 
 @app.command()
 def decode(
-    model: Annotated[Path, typer.Argument(help="The model.safetensors (or shipped model's name) the tokens were made with.")],
+    model: Annotated[Path, typer.Argument(help="The model.safetensors (its run folder, or shipped model's name) the tokens were made with.")],
     tokens: Annotated[list[Path], typer.Argument(help=".vqt files or folders of them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the decoded PNG (images) or WAV (audio) files; mirrors the token tree.")],
     force: Annotated[bool, typer.Option(help="Overwrite outputs that already exist.")] = False,
@@ -364,7 +364,7 @@ def _finish_run(report: Any, verb: str, json_out: bool) -> None:
 
 @app.command()
 def inspect(
-    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model (a model.safetensors or a shipped model's name) with --data.")],
+    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model (a model.safetensors, its run folder, or a shipped model's name) with --data.")],
     data: Annotated[Optional[list[Path]], typer.Option(help="With a model: encode these files/folders and count codes.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="With token files: the model (file or shipped name), needed to read files written with --codec entropy.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG here.")] = None,
@@ -377,7 +377,7 @@ def inspect(
     from vqtok.jobs import report as rep
 
     with _user_errors():
-        if source.suffix == ".safetensors" or zoo.names_a_model(source):
+        if source.suffix == ".safetensors" or (source / zoo.MODEL_FILE).is_file() or zoo.names_a_model(source):
             if not data:
                 raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
             result = rep.inspect_model(source, data, device=device)
@@ -420,7 +420,7 @@ def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A model.safetensors, or a shipped model's name (`vqtok models`).")],
+    model: Annotated[Path, typer.Argument(help="A model.safetensors (or its run folder), or a shipped model's name (`vqtok models`).")],
     data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
     batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
     stages: Annotated[Optional[int], typer.Option(help="Score with the first N residual stages only (a lower bitrate) (default: all).")] = None,

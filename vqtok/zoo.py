@@ -70,15 +70,20 @@ def names() -> list[str]:
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """The model file a MODEL argument means: a file at that path first, else the shipped model of that name,
-    else the path itself when something else is there (a folder: the loader says it is no model file). Raises
-    `VqtokError` listing the shipped names when neither exists."""
+    """The model file a MODEL argument means: a file at that path first, then the model file in a folder at
+    that path (a training run's, or one of models/), else the shipped model of that name. Raises `VqtokError`
+    for a folder with no model file in it, and listing the shipped names when nothing matches."""
     path = Path(model)
     if path.is_file():
         return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
     # Only a bare name can name a shipped model: "runs/mnist" is a path that does not exist.
     if path.name == str(model) and path.name in names():
         return models_dir() / path.name / MODEL_FILE
+    if path.is_dir():
+        raise VqtokError(f"{model}: a folder with no {MODEL_FILE} in it; MODEL is a model file, a folder holding "
+                         "one (a training run), or a shipped model's name")
     if path.exists():
         return path
     shipped = ", ".join(names()) or "none installed"
