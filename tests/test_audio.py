@@ -16,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 from vqtok.data import io as data
-from vqtok.nets.audio import decoder_context, encoder_context
+from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import (AudioTask, compressed_spectrum_error, mel_sizes, segment_samples,
@@ -238,6 +238,23 @@ def test_stft_nets_round_trip_in_the_config() -> None:
         dataclasses.replace(config, audio_net="wavenet").validate()
     with pytest.raises(VqtokError, match="--activation applies to the conv nets only"):
         dataclasses.replace(config, activation="snake").validate()
+
+
+@pytest.mark.parametrize("synthesis_frames", [1, 2])
+def test_stft_decoder_can_synthesise_a_full_scale_tone(synthesis_frames: int) -> None:
+    decoder = Tokenizer(audio_config(audio_net="stft", synthesis_frames=synthesis_frames)).decoder
+    hop, n_fft = decoder.hop, decoder.n_fft
+    # A 0.95-amplitude tone whose period divides the synthesis hop: every frame has the same spectrum, so a
+    # decoder whose head outputs that spectrum (weights 0, bias = log magnitude and phase) must return the tone.
+    t = torch.arange(hop * 40, dtype=torch.float64)
+    tone = (0.95 * torch.sin(2 * math.pi * 5 * t / hop + 0.3)).float()
+    spec = analysis(tone[None] * INPUT_GAIN, n_fft, hop)[0, 20]
+    with torch.no_grad():
+        decoder.head.weight.zero_()
+        decoder.head.bias.copy_(torch.cat([spec.abs().clamp(min=1e-6).log(), spec.angle()]).repeat(synthesis_frames))
+        wave = decoder(torch.zeros(1, 16, 40 // synthesis_frames))[0, 0]
+    inner = slice(2 * 320, len(wave) - 2 * 320)
+    assert torch.allclose(wave[inner], tone[: len(wave)][inner], atol=1e-3)
 
 
 def test_synthesis_frames_split_each_code_frame_into_finer_stft_frames() -> None:

@@ -31,8 +31,6 @@ from vqtok.config import ModelConfig
 from vqtok.nets.audio import INPUT_GAIN  # the convolutional nets' waveform scaling: unit-scale features
 # The analysis and synthesis window spans this many hops (Vocos and WavTokenizer use 4).
 WINDOW_HOPS = 4
-# Vocos caps the predicted magnitude so that an early, untrained step cannot overflow the inverse FFT.
-MAX_LOG_MAGNITUDE = math.log(100.0)
 # Power-law compression of the spectrum's real and imaginary parts (as in speech enhancement): |S|^0.3 keeps
 # quiet bins visible beside loud ones without the log's singularity at 0.
 COMPRESSION = 0.3
@@ -127,6 +125,11 @@ class SpectralDecoder(nn.Module):
         self.frames_per_code = config.synthesis_frames
         self.hop = math.prod(config.audio_strides) // self.frames_per_code  # between synthesis frames
         self.n_fft = WINDOW_HOPS * self.hop
+        # Vocos caps the predicted magnitude so that an early, untrained step cannot overflow the inverse FFT.
+        # Its fixed cap (100) would clip speech here: at the nets' scale (INPUT_GAIN) a harmonic of amplitude
+        # 0.03 already reaches it in a 1,280-sample window. This cap is the DC bin of a full-scale signal, the
+        # largest magnitude any waveform in [-1, 1] has.
+        self.max_log_magnitude = math.log(INPUT_GAIN * self.n_fft / 2)
         self.channels_out = config.in_channels
         self.backbone = Backbone(config.quantizer.dim, config.channels, config.res_blocks, embed_kernel=KERNEL)
         # Per code frame: frames_per_code spectra of n_fft / 2 + 1 bins, a log magnitude and a phase each. The
@@ -139,7 +142,7 @@ class SpectralDecoder(nn.Module):
         c, u, bins = self.channels_out, self.frames_per_code, self.n_fft // 2 + 1
         h = self.head(self.backbone(z)).float()  # (B, F, C * U * 2 bins)
         h = h.reshape(b, frames, c, u, 2, bins).permute(0, 2, 1, 3, 4, 5).reshape(b * c, frames * u, 2, bins)
-        spec = torch.polar(torch.exp(h[:, :, 0].clamp(max=MAX_LOG_MAGNITUDE)), h[:, :, 1])
+        spec = torch.polar(torch.exp(h[:, :, 0].clamp(max=self.max_log_magnitude)), h[:, :, 1])
         return synthesis(spec, self.n_fft, self.hop).reshape(b, c, -1) / INPUT_GAIN
 
     @property
