@@ -144,9 +144,10 @@ RECIPES: dict[str, Recipe] = {
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
-               "scope. Any input is mixed to mono and resampled to 16 kHz. It keeps what makes speech "
-               "intelligible (STOI about 0.8 from 1.5 kbps, near Codec 2's) and more of the voice than earlier "
-               "models (PESQ 1.3 from 2 kbps), but not the clean harmonics of Codec 2 (PESQ 1.4-1.5) or Opus "
+               "scope. Any input is mixed to mono and resampled to 16 kHz. From 1.5 kbps it keeps speech "
+               "intelligible (STOI 0.81-0.82) and the voice's harmonics about as well as Codec 2 (PESQ 1.41-1.43, "
+               "Codec 2's 1.39-1.51 at 1.2-3.2 kbps), not as well as Opus at 6 kbps (PESQ 1.79); one stage "
+               "(0.5 kbps) is rough (PESQ 1.19). Its output comes back about 5 dB quieter than its input "
                "(benchmarks/README.md, Speech).",
     ),
 }
