@@ -56,7 +56,6 @@ class AudioLoss(str, Enum):
     waveform = "waveform"
     spectral = "spectral"
     complex = "complex"
-    compressed = "compressed"
 
 
 class Precision(str, Enum):
@@ -168,7 +167,7 @@ def train(
     activation: Annotated[Activation, typer.Option(help="Audio nets' nonlinearity: elu (SEANet) or snake (DAC).")] = Activation(_M.activation),
     audio_net: Annotated[AudioNet, typer.Option(help="Audio nets: conv (SEANet convolutions at the sample rate, as EnCodec) or stft (ConvNeXt blocks at the code rate around an STFT, as Vocos; --channels is their width, --res-blocks their number).")] = AudioNet(_M.audio_net),
     synthesis_frames: Annotated[int, typer.Option(help="--audio-net stft: inverse-STFT frames the decoder predicts per code frame (1, 2, 4...: dividing the hop); more resolve onsets and pitch changes finer, at the same width.")] = _M.synthesis_frames,
-    audio_loss: Annotated[Optional[AudioLoss], typer.Option(help=f"Audio reconstruction loss: waveform (squared error + light log-mel), spectral (multi-scale log-mel L1, as DAC) complex (spectral + compressed complex spectra, which rewards the phase) or compressed (spectral + 0.3 x that + 0.7 x compressed magnitudes, as Braun and Tashev) (default: {AUDIO['audio_loss']}).")] = None,
+    audio_loss: Annotated[Optional[AudioLoss], typer.Option(help=f"Audio reconstruction loss: waveform (squared error + light log-mel), spectral (multi-scale log-mel L1, as DAC) or complex (spectral + compressed complex spectra, which rewards the phase) (default: {AUDIO['audio_loss']}).")] = None,
     adversarial_from: Annotated[int, typer.Option(help="Audio: after this many plain steps, also train a multi-scale STFT discriminator (EnCodec) and add its adversarial and feature-matching losses; 0 = off. Steps before it cost nothing extra.")] = _T.adversarial_from,
     adversarial_weight: Annotated[float, typer.Option(help="Weight of the adversarial (hinge) loss once --adversarial-from is reached (DAC's 1, against the spectral loss's mel weight 15).")] = _T.adversarial_weight,
     feature_weight: Annotated[float, typer.Option(help="Weight of the discriminator feature-matching loss once --adversarial-from is reached (DAC's 2).")] = _T.feature_weight,

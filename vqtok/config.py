@@ -149,9 +149,8 @@ class TrainConfig:
 
     val_fraction / max_val: held-out share of the files (capped at max_val files). checkpoint_every: steps.
     segment_seconds: random training crop length for audio. audio_loss: "waveform" (squared error plus a light
-    log-mel term), "spectral" (multi-scale log-mel L1 plus the squared error), "complex" ("spectral" plus the
-    error of compressed complex spectra, which rewards the phase) or "compressed" ("spectral" plus a blend of
-    that error and the compressed magnitudes'); see training/audiosets.py.
+    log-mel term), "spectral" (multi-scale log-mel L1 plus the squared error) or "complex" ("spectral" plus the
+    error of compressed complex spectra, which rewards the phase); see training/audiosets.py.
     precision: "fp32", or "bf16" to run the encoder and decoder under bfloat16 autocast (weights, optimizer, the
     quantizer and the losses stay float32): ~1.7x faster steps on a CPU with AVX512-BF16 or AMX, and on recent
     GPUs.
@@ -174,7 +173,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     segment_seconds: float = 1.0
-    audio_loss: Literal["waveform", "spectral", "complex", "compressed"] = "waveform"
+    audio_loss: Literal["waveform", "spectral", "complex"] = "waveform"
     adversarial_from: int = 0
     adversarial_weight: float = 1.0
     feature_weight: float = 2.0
@@ -190,8 +189,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
         _check(self.segment_seconds > 0, "segment length must be > 0 s")
         _check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
-        _check(self.audio_loss in ("waveform", "spectral", "complex", "compressed"),
-               f"audio loss must be waveform, spectral, complex or compressed, got {self.audio_loss!r}")
+        _check(self.audio_loss in ("waveform", "spectral", "complex"),
+               f"audio loss must be waveform, spectral or complex, got {self.audio_loss!r}")
         _check(0 <= self.adversarial_from < self.steps,
                f"adversarial-from must be 0 (off) or a step below --steps {self.steps}, got {self.adversarial_from}")
         _check(self.adversarial_weight >= 0 and self.feature_weight >= 0, "adversarial weights must be >= 0")

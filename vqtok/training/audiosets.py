@@ -1,7 +1,7 @@
 """Audio training: random fixed-length segments streamed from the files, the reconstruction loss, and
 validation on a fixed, seeded segment of each held-out file.
 
-Four reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
+Three reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
 - "waveform": a squared error on the waveform plus a lightly weighted multi-resolution log-mel loss (L1 between
   log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled with the sample
   rate). The weighting is what a short CPU run can learn from: with an L1 waveform term the output collapses
@@ -14,11 +14,7 @@ Four reconstruction losses (`TrainConfig.audio_loss`); the training loop adds th
   phase, 1024-sample window at 16 kHz), relative to the target's, at weight 2. Magnitude losses leave the
   phase free, and a decoder that synthesises through an inverse STFT (`--audio-net stft`) then overlaps frames
   of unrelated phase (SI-SNR -27 dB after 3,000 steps on LibriSpeech); this term makes it -14 dB and raises
-  PESQ and STOI (benchmarks/README.md). Its optimum shrinks the output wherever the phase is uncertain (the
-  mean of a complex number of unknown phase is 0): speech comes back 7-8 dB quiet, its harmonics blurred.
-- "compressed": "spectral" plus Braun and Tashev's blend (ICASSP 2021) of the same complex error, at a 0.3
-  share, and the squared error of the compressed magnitudes alone, at 0.7: the phase is still rewarded, and
-  the magnitudes (the voice's harmonics, 16 Hz bins) are fitted without the pull towards silence.
+  PESQ and STOI (benchmarks/README.md).
 The constants below record what was measured.
 
 Validation runs up to VAL_SECONDS of each held-out file (a whole file when it is shorter) through the model,
@@ -63,8 +59,6 @@ SPECTRAL_FLOOR = 1e-5
 # enhancement), which rewards the waveform's phase where the signal has energy.
 COMPLEX_WINDOW = 1024
 COMPLEX_WEIGHT = 2.0
-# The "compressed" loss: the complex error's share of Braun and Tashev's blend; the rest is the magnitudes'.
-COMPRESSED_COMPLEX_SHARE = 0.3
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
 # Validation segments: up to this many seconds of each held-out file, from a seeded offset.
@@ -115,23 +109,17 @@ def complex_window(sample_rate: int) -> int:
     return 2 ** max(6, round(math.log2(COMPLEX_WINDOW * sample_rate / 16000)))
 
 
-def compressed_spectrum_error(recon: torch.Tensor, target: torch.Tensor, n_fft: int,
-                              complex_share: float = 1.0) -> torch.Tensor:
+def compressed_spectrum_error(recon: torch.Tensor, target: torch.Tensor, n_fft: int) -> torch.Tensor:
     """Squared error between power-law compressed complex spectra (|S|^0.3 with S's phase; Hann window, hop
     n_fft / 4) relative to the target's compressed energy: (B, 1, T) pairs -> scalar, 0 only when the spectra
-    match in magnitude and phase, 1 for silence against any target, 2 for the right magnitudes at random phase.
-    With `complex_share` < 1, that share of it plus the rest of the same error on magnitudes alone (|S|^0.3):
-    still 1 for silence, 2 * complex_share for the right magnitudes at random phase."""
+    match in magnitude and phase, 1 for silence against any target, 2 for the right magnitudes at random phase."""
     window = torch.hann_window(n_fft, device=recon.device)
 
     def compressed(x: torch.Tensor) -> torch.Tensor:
         return compress(torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True))
 
     r, t = compressed(recon), compressed(target)
-    error = (r - t).abs().pow(2).mean()
-    if complex_share < 1:
-        error = complex_share * error + (1 - complex_share) * (r.abs() - t.abs()).pow(2).mean()
-    return error / t.abs().pow(2).mean().detach().clamp(min=1e-8)
+    return (r - t).abs().pow(2).mean() / t.abs().pow(2).mean().detach().clamp(min=1e-8)
 
 
 def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> int:
@@ -171,13 +159,12 @@ class AudioTask:
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         wave = F.mse_loss(recon * INPUT_GAIN, target * INPUT_GAIN)
-        if self.loss in ("spectral", "complex", "compressed"):
+        if self.loss in ("spectral", "complex"):
             mel = log_mel_l1(recon, target, self.sample_rate, spectral_scales(self.sample_rate), SPECTRAL_FLOOR)
             loss = wave + SPECTRAL_WEIGHT * mel
-            if self.loss != "spectral":
-                share = 1.0 if self.loss == "complex" else COMPRESSED_COMPLEX_SHARE
+            if self.loss == "complex":
                 loss = loss + COMPLEX_WEIGHT * compressed_spectrum_error(recon * INPUT_GAIN, target * INPUT_GAIN,
-                                                                         complex_window(self.sample_rate), share)
+                                                                         complex_window(self.sample_rate))
             return loss
         mel = log_mel_l1(recon, target, self.sample_rate, mel_sizes(self.sample_rate), MEL_FLOOR)
         return RECON_WEIGHT * (wave + MEL_WEIGHT * mel)
