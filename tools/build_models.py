@@ -128,9 +128,9 @@ RECIPES: dict[str, Recipe] = {
     ),
     "speech": Recipe(
         description="16 kHz speech",
-        train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--audio-net", "stft", "--synthesis-frames", "2",
-               "--channels", "384", "--res-blocks", "6", "--code-dim", "8", "--audio-loss", "complex", "--segment-seconds", "0.5",
-               "--steps", "16000", "--warmup", "200",
+        train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--audio-net", "stft",
+               "--synthesis-frames", "2", "--channels", "384", "--res-blocks", "6", "--code-dim", "8",
+               "--audio-loss", "complex", "--segment-seconds", "0.5", "--steps", "16000", "--warmup", "200",
                "--checkpoint-every", "1000", "--num-workers", "0", "--device", "cpu"),
         heldout="../shared/data/librispeech/test-other",
         sample="samples/heldout/speech",
