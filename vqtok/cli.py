@@ -377,7 +377,7 @@ def inspect(
     from vqtok.jobs import report as rep
 
     with _user_errors():
-        if source.suffix == ".safetensors" or (source / zoo.MODEL_FILE).is_file() or zoo.names_a_model(source):
+        if zoo.means_a_model(source):
             if not data:
                 raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
             result = rep.inspect_model(source, data, device=device)

@@ -90,9 +90,12 @@ def resolve(model: str | os.PathLike) -> Path:
     raise VqtokError(f"{model}: no such model file, and no shipped model has that name (shipped: {shipped})")
 
 
-def names_a_model(source: Path) -> bool:
-    """Whether `source` (a command's first argument, which may also be token files) means a shipped model: a
-    bare shipped name with nothing at that path."""
+def means_a_model(source: Path) -> bool:
+    """Whether `source` (a command's first argument, which may also be token files) means a model: a
+    .safetensors file, a folder holding a model file (a training run), or a bare shipped name with nothing at
+    that path."""
+    if source.suffix == ".safetensors" or (source / MODEL_FILE).is_file():
+        return True
     return not source.exists() and source.name == str(source) and source.name in names()
 
 
