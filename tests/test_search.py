@@ -158,6 +158,27 @@ def test_random_shapes(n: int, k: int, d: int, chunk: int | None, backend: str, 
     check(x, codebook, idx, dist)
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    groups=st.integers(1, 40),
+    levels=st.integers(1, 5),
+    nans=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_row_minimum_is_min(n: int, groups: int, levels: int, nans: int, seed: int) -> None:
+    # Few distinct values make ties within and across groups; a NaN is the minimum for torch's min(1).
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (n, groups * 32), generator=gen).float()
+    for _ in range(nans):
+        scores[torch.randint(0, n, (1,), generator=gen), torch.randint(0, groups * 32, (1,), generator=gen)] = torch.nan
+    value, index = search._first_min(scores)
+    want_value, want_index = scores.min(1)
+    assert torch.equal(index, want_index)
+    assert torch.equal(value.isnan(), want_value.isnan())
+    assert torch.equal(value.nan_to_num(-1.0), want_value.nan_to_num(-1.0))
+
 def test_auto_picks_faiss_only_for_many_rows() -> None:
     codebook = randn(16, 4, seed=14)
     assert search._auto_backend(torch.empty(FAISS_MIN_ROWS, 4), codebook) == "faiss"

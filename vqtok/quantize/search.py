@@ -2,9 +2,10 @@
 
 One entry point, `nearest`, with three backends:
 
-- "torch": blocked `addmm` + `min` on the CPU (or any device). x is taken `chunk` rows at a time and the
-  codebook 2048 codes at a time, so the N x K score matrix never exists whole; each block stays small
-  enough to live in the L2 cache, which is what keeps the `min` pass from being memory bound.
+- "torch": blocked `addmm` + a row minimum on the CPU (or any device). x is taken `chunk` rows at a time and
+  the codebook 2048 codes at a time, so the N x K score matrix never exists whole; each block stays small
+  enough to live in the L2 cache, which is what keeps the minimum pass from being memory bound. The row
+  minimum goes through groups of codes on the CPU (`_first_min`), 2-3x faster than torch's `min(1)`.
 - "faiss": `faiss.IndexFlatL2` over the codebook, searched with k=1 (CPU). The index is built on every call:
   codebooks change every training step, and building one only copies the codebook (0.01 ms at K=512,
   0.5 ms at K=16384, D=64), which is far below the cost of any search worth sending to faiss.
@@ -43,6 +44,10 @@ _CPU_ROWS = 512
 _CPU_K_BLOCK = 2048
 _CUDA_ROWS = 8192
 _CUDA_K_BLOCK = 8192
+
+# Codes per group in `_first_min`: torch's `amin` over a last dimension of 32 floats is vectorized (16 is not),
+# and the 32 scores of the winning group are few enough to gather.
+_MIN_GROUP = 32
 
 # Rows per step when recomputing exact distances for faiss results: (8192, D) differences stay in cache.
 _EXACT_ROWS = 8192
@@ -116,9 +121,9 @@ def _blocked_nearest(
     dists = torch.empty(n, dtype=torch.float32, device=x.device)
     for start in range(0, n, rows):
         xs = x[start:start + rows]
-        best, best_idx = torch.addmm(c_sq[:k_block], xs, codebook[:k_block].t(), alpha=-2.0).min(1)
+        best, best_idx = _first_min(torch.addmm(c_sq[:k_block], xs, codebook[:k_block].t(), alpha=-2.0))
         for k0 in range(k_block, k, k_block):
-            score, idx = torch.addmm(c_sq[k0:k0 + k_block], xs, codebook[k0:k0 + k_block].t(), alpha=-2.0).min(1)
+            score, idx = _first_min(torch.addmm(c_sq[k0:k0 + k_block], xs, codebook[k0:k0 + k_block].t(), alpha=-2.0))
             # Strictly better only: on an exact tie the earlier block, hence the lower index, is kept.
             better = score < best
             best = torch.where(better, score, best)
@@ -126,6 +131,26 @@ def _blocked_nearest(
         indices[start:start + rows] = best_idx
         dists[start:start + rows] = _exact_sq_dist(xs, codebook, best_idx)
     return indices, dists
+
+
+def _first_min(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (N, K) -> (row minima (N,), index of each row's first minimum (N,) int64): `scores.min(1)`.
+
+    On the CPU, torch's `min(1)` computes values and indices element by element (~1.1 ns an element on one
+    core, as much as the `addmm` that made the scores at D=64); `amin` over groups of _MIN_GROUP codes is
+    vectorized. So: each group's minimum, the first group holding the row's minimum, and the first minimum
+    within that group, the same index `min(1)` gives, ties and NaN included (512 x 1024 scores: 0.19 against
+    0.50 ms; 512 x 2048: 0.32 against 1.03 ms). Other devices, and widths that are not whole groups, use
+    `min(1)`.
+    """
+    n, k = scores.shape
+    if scores.device.type != "cpu" or k % _MIN_GROUP or k < 4 * _MIN_GROUP:
+        return scores.min(1)
+    groups = scores.view(n, k // _MIN_GROUP, _MIN_GROUP)
+    group = groups.amin(2).argmin(1)
+    members = groups.gather(1, group.view(n, 1, 1).expand(n, 1, _MIN_GROUP)).squeeze(1)
+    value, offset = members.min(1)
+    return value, group * _MIN_GROUP + offset
 
 
 def _exact_sq_dist(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
