@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -223,7 +224,34 @@ def test_build_makes_a_card_from_a_run(modality: str, tmp_path: Path, one_torch_
     steps = args[args.index("--steps") + 1]
     changed = dataclasses.replace(recipe, train=tuple("41" if a == steps else a for a in args))
     with pytest.raises(VqtokError, match=f"--steps {steps}, the recipe says 41"):
-        build_models.check_run(run, changed)
+        build_models.check_run(run, changed.train)
+
+
+def test_build_trains_a_fine_tune_from_its_base(tmp_path: Path, one_torch_thread) -> None:
+    args, sample = TINY["image"][:2]
+    tune = ("samples/images", "--out", build_models.RUN, "--init", build_models.BASE, "--steps", "10", "--warmup", "2",
+            "--batch-size", "16", "--checkpoint-every", "10", "--device", "cpu")
+    recipe = build_models.Recipe(description="test fine-tune", train=args, heldout=sample, sample=sample,
+                                 data="samples", intended_use="tests", limits="tiny", finetune=tune)
+    run = tmp_path / "run"
+    build_models.train(recipe, run)
+    base = tmp_path / "run-base"
+    assert build_models.finished(base) and build_models.finished(run)
+    card = build_models.build("tiny", recipe, run, tmp_path / "models")
+    assert card["training"]["steps"] == 50
+    base_args = (build_models.BASE if a == build_models.RUN else a for a in args)
+    assert card["training"]["command"] == f"vqtok train {' '.join(base_args)} && vqtok train {' '.join(tune)}"
+    assert card["training"]["wall_seconds"] > build_models.wall_seconds(run / "metrics.jsonl") > 0
+    readme = (tmp_path / "models" / "tiny" / "README.md").read_text()
+    assert all(f"      {command}" in readme for command in card["training"]["command"].split(" && "))
+
+    # A fine-tune of another model is not this recipe's run.
+    (tmp_path / "other").mkdir()
+    shutil.copytree(base, tmp_path / "other" / "run-base")
+    other = tmp_path / "other" / "run"
+    shutil.copytree(run, other)
+    with pytest.raises(VqtokError, match="fine-tuned from .*run-base/model.safetensors, the recipe starts from"):
+        build_models.check_runs(other, recipe)
 
 
 def test_wall_time_adds_up_resumed_sessions(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ model.safetensors, card.json (the figures, for `vqtok models` and tests/test_mod
     .venv/bin/python tools/build_models.py                              # all of them (`make models`)
 
 Training runs the recipe's `vqtok train` command from the repository root; an interrupted build continues its
-run (--resume). An adopted run must have been made with the recipe's command: its run.json is checked against
-it. Wall times are the sums of the run's training sessions in metrics.jsonl. Set OMP_NUM_THREADS=1 on a machine
+run (--resume). A recipe with a fine-tune trains in two runs: the base into RUN-base (runs/models/NAME-base),
+then the fine-tune from its model into RUN. An adopted run must have been made with the recipe's command (and,
+with a fine-tune, from the recipe's base run beside it): its run.json is checked against it. Wall times are the
+sums of the runs' training sessions in metrics.jsonl. Set OMP_NUM_THREADS=1 on a machine
 that other jobs share (as the cards' trainings ran).
 
 The script lives outside models/ because pyproject.toml installs that folder as the package vqtok.models: a
@@ -37,6 +39,7 @@ from vqtok.errors import VqtokError
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "models"
 RUN = "RUN"  # stands for the run folder in a recipe's arguments
+BASE = "BASE"  # stands for the base run's folder (RUN-base) in a fine-tune's arguments
 
 
 @dataclass(frozen=True)
@@ -50,24 +53,41 @@ class Recipe:
     data: str  # the training data: what, where from, license
     intended_use: str
     limits: str
+    # A second `vqtok train` that starts from the first run's model (`--init BASE`), RUN for its folder; the
+    # first run then goes into BASE. Empty: the first run is the model.
+    finetune: tuple[str, ...] = ()
 
-    def command(self, run: str = RUN) -> list[str]:
-        return ["vqtok", "train", *(run if arg == RUN else arg for arg in self.train)]
+    def steps(self) -> list[tuple[str, ...]]:
+        """The `vqtok train` arguments of each run, in order (RUN and BASE unreplaced)."""
+        if not self.finetune:
+            return [self.train]
+        return [tuple(BASE if arg == RUN else arg for arg in self.train), self.finetune]
 
-    def inputs_and_options(self) -> tuple[list[str], dict[str, str | bool]]:
-        """The data folders and the options (--channels 96 -> {"channels": "96"}; a flag -> True)."""
-        inputs: list[str] = []
-        options: dict[str, str | bool] = {}
-        args = list(self.train)
-        while args:
-            arg = args.pop(0)
-            if not arg.startswith("--"):
-                inputs.append(arg)
-            elif args and not args[0].startswith("--"):
-                options[arg[2:].replace("-", "_")] = args.pop(0)
-            else:
-                options[arg[2:].replace("-", "_")] = True
-        return inputs, options
+    def commands(self, run: str = RUN, base: str = BASE) -> list[list[str]]:
+        """The `vqtok train` commands of the runs, in order, with `run` and `base` for the folders."""
+        folders = {RUN: run, BASE: base}
+        return [["vqtok", "train", *(folders.get(arg, arg) for arg in args)] for args in self.steps()]
+
+
+def inputs_and_options(args: tuple[str, ...]) -> tuple[list[str], dict[str, str | bool]]:
+    """A run's data folders and options (--channels 96 -> {"channels": "96"}; a flag -> True)."""
+    inputs: list[str] = []
+    options: dict[str, str | bool] = {}
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--"):
+            inputs.append(arg)
+        elif rest and not rest[0].startswith("--"):
+            options[arg[2:].replace("-", "_")] = rest.pop(0)
+        else:
+            options[arg[2:].replace("-", "_")] = True
+    return inputs, options
+
+
+def base_run(run: Path) -> Path:
+    """Where a recipe with a fine-tune trains its base: beside `run`, as RUN-base."""
+    return run.with_name(f"{run.name}-base")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -142,6 +162,10 @@ RECIPES: dict[str, Recipe] = {
                      "codes, 0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for "
                      "0.5 to 4 kbps. Tokens for speech-language-model experiments and low-rate codec comparisons "
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
+        finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
+                  "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
+                  "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",
+                  "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. From 1.5 kbps it keeps speech "
@@ -154,7 +178,7 @@ RECIPES: dict[str, Recipe] = {
 
 # `vqtok train` options that run.json records under another name, or not at all.
 _RENAMED = {"size": "image_size", "code_dim": "dim"}
-_UNRECORDED = {"out", "num_workers", "resume"}
+_UNRECORDED = {"out", "num_workers", "resume", "init"}
 
 
 def finished(run: Path) -> bool:
@@ -163,28 +187,47 @@ def finished(run: Path) -> bool:
 
 
 def train(recipe: Recipe, run: Path) -> None:
-    """Run the recipe's `vqtok train` from the repository root into `run`, continuing an interrupted run there;
-    records this machine and its load beside the run (host.json), since run.json does not."""
-    resume = ["--resume"] if (run / "run.json").exists() else []
-    host = {**hardware(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0]}
-    run.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(run / "host.json", (json.dumps(host, indent=2) + "\n").encode())
-    command = [sys.executable, "-m", "vqtok", *recipe.command(str(run))[1:], *resume]
-    print("+", shlex.join(command), file=sys.stderr)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise VqtokError(f"{run}: training failed (see above)")
+    """Run the recipe's `vqtok train` commands from the repository root, into `run` (and its base run), skipping
+    a finished run and continuing an interrupted one; records this machine and its load beside each run
+    (host.json), since run.json does not."""
+    base = base_run(run)
+    for command, folder in zip(recipe.commands(str(run), str(base)), (base, run) if recipe.finetune else (run,)):
+        if finished(folder):
+            continue
+        resume = ["--resume"] if (folder / "run.json").exists() else []
+        host = {**hardware(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "load_average": os.getloadavg()[0]}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(folder / "host.json", (json.dumps(host, indent=2) + "\n").encode())
+        command = [sys.executable, "-m", "vqtok", *command[1:], *resume]
+        print("+", shlex.join(command), file=sys.stderr)
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            raise VqtokError(f"{folder}: training failed (see above)")
 
 
-def check_run(run: Path, recipe: Recipe) -> dict[str, Any]:
-    """The run.json of `run` once checked to be a finished run of the recipe's command: same data, and every
-    option the recipe sets recorded with the same value."""
+def check_runs(run: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """The run.json of each of the recipe's runs (the base, then `run`; or `run` alone), checked with
+    `check_run`; a fine-tune must also have started from the base run's model."""
+    if not recipe.finetune:
+        return [check_run(run, recipe.train)]
+    base, tuned = recipe.steps()
+    infos = [check_run(base_run(run), base), check_run(run, tuned)]
+    started = (infos[1].get("init") or {}).get("path")
+    if started is None or Path(started).resolve() != (base_run(run) / "model.safetensors").resolve():
+        raise VqtokError(f"{run}: fine-tuned from {started}, the recipe starts from {base_run(run)}")
+    return infos
+
+
+def check_run(run: Path, args: tuple[str, ...]) -> dict[str, Any]:
+    """The run.json of `run` once checked to be a finished run of `vqtok train` with `args`: same data, and
+    every option they set recorded with the same value."""
     info_path = run / "run.json"
     if not info_path.is_file():
         raise VqtokError(f"{run}: no run.json; not a vqtok training run")
     if not finished(run):
         raise VqtokError(f"{run}: unfinished (no model.safetensors); continue it with its command plus --resume")
     info = json.loads(info_path.read_text())
-    inputs, options = recipe.inputs_and_options()
+    inputs, options = inputs_and_options(args)
     if [(ROOT / p).resolve() for p in info["data"]["inputs"]] != [(ROOT / p).resolve() for p in inputs]:
         raise VqtokError(f"{run}: trained on {info['data']['inputs']}, the recipe trains on {inputs}")
     recorded = {**info["model"], **info["model"]["quantizer"], **info["train"]}
@@ -261,7 +304,8 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
     card."""
     from vqtok.modelfile import FINGERPRINT_KEY, VERSION_KEY, load, read_metadata
 
-    info = check_run(run, recipe)
+    infos = check_runs(run, recipe)
+    runs = [base_run(run), run] if recipe.finetune else [run]
     source = run / "model.safetensors"
     add_context_tables(source, recipe)
     store_half_nets(source)
@@ -286,10 +330,10 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
             "config": json.loads(model.config.to_json()),
         },
         "training": {
-            "command": shlex.join(recipe.command()),
+            "command": " && ".join(shlex.join(command) for command in recipe.commands()),
             "data": recipe.data,
-            "steps": info["train"]["steps"],
-            "wall_seconds": wall_seconds(run / "metrics.jsonl"),
+            "steps": sum(info["train"]["steps"] for info in infos),
+            "wall_seconds": sum(wall_seconds(folder / "metrics.jsonl") for folder in runs),
             # Where the run was trained when this script trained it; else the machine the card was built on.
             "hardware": json.loads(host_file.read_text()) if host_file.is_file() else hardware(),
             "hardware_recorded": host_file.is_file(),
@@ -318,7 +362,7 @@ def add_context_tables(source: Path, recipe: Recipe) -> None:
     if model.context_table is not None:
         return
     print(f"{source}: fitting context tables", file=sys.stderr)
-    inputs, _ = recipe.inputs_and_options()
+    inputs, _ = inputs_and_options(recipe.train)
     model.context_table = fit_context_table(model, find_inputs([ROOT / p for p in inputs])[1])
     kept = {k: v for k, v in read_metadata(source).items() if k not in (CONFIG_KEY, VERSION_KEY, FINGERPRINT_KEY)}
     save_model(model, source, extra=kept)
@@ -368,6 +412,11 @@ def card_markdown(card: dict[str, Any]) -> str:
     minutes, seconds = divmod(round(t["wall_seconds"]), 60)
     # The rebuild hint keeps the thread count the training ran with, where the run recorded it.
     threads = f"OMP_NUM_THREADS={hw['omp_num_threads']} " if t["hardware_recorded"] and hw.get("omp_num_threads") else ""
+    steps = t["command"].split(" && ")
+    commands = (["- Command, from the repository root (RUN: a new run folder):", "", f"      {steps[0]}"]
+                if len(steps) == 1 else
+                ["- Commands, from the repository root (BASE and RUN: two new run folders): a base run, then a "
+                 "fine-tune from its model:", "", *(f"      {step}" for step in steps)])
     lines = [
         f"# `{name}`: {card['description']}",
         "",
@@ -384,9 +433,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "## Training",
         "",
         f"- Data: {t['data']}.",
-        "- Command, from the repository root (RUN: a new run folder):",
-        "",
-        f"      {t['command']}",
+        *commands,
         "",
         f"- {t['steps']:,} steps in {minutes} min {seconds:02d} s of training ({where}).",
         f"- Rebuild this model and card: `{threads}.venv/bin/python tools/build_models.py {name}` "
