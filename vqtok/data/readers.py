@@ -45,6 +45,10 @@ FORKED_WORKERS = _START_METHOD == "fork"
 # (file index, original (h, w)) of each image in a batch.
 BatchItems = list[tuple[int, tuple[int, int]]]
 
+# One file, as `ImageFiles` reads it: (file index, uint8 (3, H, W) padded, original (h, w)), or
+# (file index, None, the one-line reason it could not be read).
+FileItem = tuple[int, "np.ndarray | None", "tuple[int, int] | str"]
+
 T = TypeVar("T")
 
 
@@ -101,7 +105,7 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, tuple[int, int] | str]:
+    def __getitem__(self, i: int) -> FileItem:
         try:
             image = io.load_image(self.paths[i])
         except VqtokError as err:
@@ -110,7 +114,7 @@ class ImageFiles:
         return i, padded.numpy(), size
 
 
-def group_by_shape(items: list[tuple[int, np.ndarray | None, tuple[int, int] | str]]) -> Chunk:
+def group_by_shape(items: list[FileItem]) -> Chunk:
     """DataLoader collate: stack each padded shape into one array, and list the unreadable files."""
     groups: dict[tuple[int, ...], list[tuple[int, tuple[int, int], np.ndarray]]] = {}
     errors = []
@@ -190,8 +194,21 @@ def batch_rows(shape: Sequence[int], batch_size: int, batch_pixels: int | None) 
 
 def shape_batches(chunks: Iterator[Chunk], batch_size: int, on_error: Callable[[int, str], None],
                   batch_pixels: int | None = None) -> Iterator[tuple[BatchItems, torch.Tensor]]:
-    """Regroup decoded chunks into batches of one padded shape:
-    ([(file index, original (h, w))], uint8 (B, 3, H, W)).
+    """Regroup decoded chunks into batches of one padded shape: `file_batches` of their files in file order."""
+    return file_batches(chunk_files(chunks), batch_size, on_error, batch_pixels)
+
+
+def chunk_files(chunks: Iterator[Chunk]) -> Iterator[FileItem]:
+    """The files of each chunk, one by one in file order, unreadable ones included."""
+    for chunk in chunks:
+        files: list[FileItem] = [(index, None, reason) for index, reason in chunk.errors]
+        files += [item for g in chunk.groups for item in zip(g.indices, g.images, g.sizes)]
+        yield from sorted(files, key=lambda item: item[0])
+
+
+def file_batches(files: Iterator[FileItem], batch_size: int, on_error: Callable[[int, str], None],
+                 batch_pixels: int | None = None) -> Iterator[tuple[BatchItems, torch.Tensor]]:
+    """Group decoded files into batches of one padded shape: ([(file index, original (h, w))], uint8 (B, 3, H, W)).
 
     A batch holds at most `batch_size` images and at most `batch_pixels` pixels (B * H * W), except that an
     image larger than `batch_pixels` makes a batch of its own. Images are taken in file order; a shape's batch
@@ -207,21 +224,19 @@ def shape_batches(chunks: Iterator[Chunk], batch_size: int, on_error: Callable[[
         waiting -= len(group)
         return [(i, s) for i, s, _ in group], torch.from_numpy(np.stack([x for _, _, x in group]))
 
-    for chunk in chunks:
-        for index, reason in chunk.errors:
-            on_error(index, reason)
-        images = sorted((item for g in chunk.groups for item in zip(g.indices, g.sizes, g.images)),
-                        key=lambda item: item[0])
-        for index, size, image in images:
-            shape = image.shape
-            group = pending.setdefault(shape, [])
-            group.append((index, size, image))
-            waiting += 1
-            if len(group) >= batch_rows(shape, batch_size, batch_pixels):
-                yield take(shape)
-            elif waiting > PENDING_BATCHES * batch_size:
-                # dicts keep insertion order and a group is created by its oldest image: the first group
-                # holds the image that has waited longest.
-                yield take(next(iter(pending)))
+    for index, image, size in files:
+        if image is None:
+            on_error(index, size)
+            continue
+        shape = image.shape
+        group = pending.setdefault(shape, [])
+        group.append((index, size, image))
+        waiting += 1
+        if len(group) >= batch_rows(shape, batch_size, batch_pixels):
+            yield take(shape)
+        elif waiting > PENDING_BATCHES * batch_size:
+            # dicts keep insertion order and a group is created by its oldest image: the first group
+            # holds the image that has waited longest.
+            yield take(next(iter(pending)))
     while pending:
         yield take(next(iter(pending)))

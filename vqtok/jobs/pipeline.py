@@ -24,7 +24,7 @@ import torch
 from vqtok.atomic import write_bytes_atomic
 from vqtok.data import io as data
 from vqtok.data.readers import (FORKED_WORKERS, BatchItems, ImageFiles, available_cores, batch_rows, decoded_chunks,
-                                default_workers, group_by_shape, shape_batches, worker_jobs)
+                                default_workers, file_batches, shape_batches, worker_jobs)
 from vqtok.device import pick_device
 from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
 from vqtok.jobs.encoding import (OrderedWriter, Part, SharedOrAlone, check_shard_split, forward_threads,
@@ -366,7 +366,7 @@ def image_fields(size: tuple[int, int]) -> dict:
 
 class EncodeJob:
     """A `worker_jobs` job for a CPU encode: decode a range of files one by one, encode them as batches of one
-    padded shape fill (`shape_batches`, CPU_BATCH_*), and send back, per batch, the file items with their
+    padded shape fill (`file_batches`, CPU_BATCH_*), and send back, per batch, the file items with their
     codes (B, S, h, w) numpy, or with `store`, what it wrote for each file; and [(file index, reason)] for the
     files that could not be read."""
 
@@ -376,10 +376,9 @@ class EncodeJob:
 
     def __call__(self, indices: range) -> tuple[list[tuple[BatchItems, object]], list[tuple[int, str]]]:
         errors: list[tuple[int, str]] = []
-        chunks = (group_by_shape([self.files[i]]) for i in indices)
         encoded = []
-        for items, batch in shape_batches(chunks, CPU_BATCH_IMAGES, lambda i, why: errors.append((i, why)),
-                                          CPU_BATCH_PIXELS):
+        for items, batch in file_batches((self.files[i] for i in indices), CPU_BATCH_IMAGES,
+                                         lambda i, why: errors.append((i, why)), CPU_BATCH_PIXELS):
             codes = encode_images(self.model, batch, self.stages, CPU_BATCH_IMAGES, CPU_BATCH_PIXELS).numpy()
             if self.store is not None:
                 codes = [self.store(i, c, image_fields(size)) for (i, size), c in zip(items, codes)]
