@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,12 @@ def card_of(name: str) -> dict:
         if not (folder / file).is_file():
             pytest.fail(f"models/{name}/{file} missing: run python tools/build_models.py {name}")
     return json.loads((folder / zoo.CARD_FILE).read_text())
+
+
+@pytest.mark.parametrize("name", list(build_models.RECIPES))
+def test_card_records_its_recipes_commands(name: str) -> None:
+    commands = build_models.RECIPES[name].commands()
+    assert card_of(name)["training"]["command"] == " && ".join(shlex.join(command) for command in commands)
 
 
 @pytest.mark.parametrize("name", list(build_models.RECIPES))
