@@ -158,7 +158,6 @@ def test_random_shapes(n: int, k: int, d: int, chunk: int | None, backend: str, 
     check(x, codebook, idx, dist)
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 40),

@@ -90,6 +90,11 @@ def base_run(run: Path) -> Path:
     return run.with_name(f"{run.name}-base")
 
 
+def run_folders(recipe: Recipe, run: Path) -> list[Path]:
+    """The folders of the recipe's runs, in training order: the base run and `run`, or `run` alone."""
+    return [base_run(run), run] if recipe.finetune else [run]
+
+
 RECIPES: dict[str, Recipe] = {
     "mnist": Recipe(
         description="28x28 grayscale digits",
@@ -190,8 +195,7 @@ def train(recipe: Recipe, run: Path) -> None:
     """Run the recipe's `vqtok train` commands from the repository root, into `run` (and its base run), skipping
     a finished run and continuing an interrupted one; records this machine and its load beside each run
     (host.json), since run.json does not."""
-    base = base_run(run)
-    for command, folder in zip(recipe.commands(str(run), str(base)), (base, run) if recipe.finetune else (run,)):
+    for command, folder in zip(recipe.commands(str(run), str(base_run(run))), run_folders(recipe, run)):
         if finished(folder):
             continue
         resume = ["--resume"] if (folder / "run.json").exists() else []
@@ -305,7 +309,6 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
     from vqtok.modelfile import FINGERPRINT_KEY, VERSION_KEY, load, read_metadata
 
     infos = check_runs(run, recipe)
-    runs = [base_run(run), run] if recipe.finetune else [run]
     source = run / "model.safetensors"
     add_context_tables(source, recipe)
     store_half_nets(source)
@@ -333,7 +336,7 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
             "command": " && ".join(shlex.join(command) for command in recipe.commands()),
             "data": recipe.data,
             "steps": sum(info["train"]["steps"] for info in infos),
-            "wall_seconds": sum(wall_seconds(folder / "metrics.jsonl") for folder in runs),
+            "wall_seconds": sum(wall_seconds(folder / "metrics.jsonl") for folder in run_folders(recipe, run)),
             # Where the run was trained when this script trained it; else the machine the card was built on.
             "hardware": json.loads(host_file.read_text()) if host_file.is_file() else hardware(),
             "hardware_recorded": host_file.is_file(),

@@ -140,8 +140,8 @@ def _first_min(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     core, as much as the `addmm` that made the scores at D=64); `amin` over groups of _MIN_GROUP codes is
     vectorized. So: each group's minimum, the first group holding the row's minimum, and the first minimum
     within that group, the same index `min(1)` gives, ties and NaN included (512 x 1024 scores: 0.19 against
-    0.50 ms; 512 x 2048: 0.32 against 1.03 ms). Other devices, and widths that are not whole groups, use
-    `min(1)`.
+    0.50 ms; 512 x 2048: 0.32 against 1.03 ms). Other devices, and widths that are not at least four
+    whole groups, use `min(1)`.
     """
     n, k = scores.shape
     if scores.device.type != "cpu" or k % _MIN_GROUP or k < 4 * _MIN_GROUP:
