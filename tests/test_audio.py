@@ -19,8 +19,8 @@ from vqtok.data import io as data
 from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
-from vqtok.training.audiosets import (AudioTask, compressed_spectrum_error, mel_sizes, segment_samples,
-                                     spectral_scales)
+from vqtok.training.audiosets import AudioTask, segment_samples
+from vqtok.training.audioloss import compressed_spectrum_error, mel_sizes, spectral_scales
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
                                resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig

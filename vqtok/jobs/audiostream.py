@@ -25,6 +25,7 @@ from vqtok.data import io as data
 from vqtok.atomic import atomic_path
 from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.errors import VqtokError
+from vqtok.jobs.refine import refined_codes
 from vqtok.nets.tokenizer import Tokenizer
 
 # Default chunk length in seconds for encoding, decoding and writing.
@@ -185,13 +186,23 @@ def _chunk(model: Tokenizer, seconds: float) -> int:
 
 @torch.no_grad()
 def encode_signal(model: Tokenizer, signal: Signal, stages: int | None = None,
-                  chunk_seconds: float = CHUNK_SECONDS) -> torch.Tensor:
+                  chunk_seconds: float = CHUNK_SECONDS, refine: int = 0) -> torch.Tensor:
     """Codes of a signal at the model's rate: (S, ceil(length / hop)) for one channel, (S, C, frames) for C > 1.
 
     The signal is zero padded to a whole number of hops, as a whole-file encode pads it. Each chunk is encoded
     with `encoder_context` samples of real neighbouring audio on each side (clipped at the file's edges), and
-    only its own frames are kept.
+    only its own frames are kept. `refine` > 0: the codes are refined that many steps by analysis by synthesis
+    (vqtok.jobs.refine), in its own fixed windows instead of chunks.
     """
+    if refine:
+        codes = refined_codes(model, signal, refine, stages)
+    else:
+        codes = _chunked_codes(model, signal, stages, chunk_seconds)
+    return codes[:, 0] if codes.shape[1] == 1 else codes
+
+
+def _chunked_codes(model: Tokenizer, signal: Signal, stages: int | None, chunk_seconds: float) -> torch.Tensor:
+    """Plain codes (S, C, frames), chunk by chunk (see `encode_signal`)."""
     hop = model.hop
     device = next(model.parameters()).device
     frames = -(-signal.length // hop)
@@ -205,8 +216,7 @@ def encode_signal(model: Tokenizer, signal: Signal, stages: int | None = None,
         x = signal.read(lo, hi).to(device)
         codes = model.encode(x.unsqueeze(1), stages)  # (C, S, f)
         pieces.append(codes[:, :, (start - lo) // hop:(stop - lo) // hop].cpu())
-    codes = torch.cat(pieces, dim=2).movedim(0, 1)
-    return codes[:, 0] if codes.shape[1] == 1 else codes
+    return torch.cat(pieces, dim=2).movedim(0, 1)
 
 
 class DecodedSignal:

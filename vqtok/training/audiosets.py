@@ -1,21 +1,7 @@
 """Audio training: random fixed-length segments streamed from the files, the reconstruction loss, and
 validation on a fixed, seeded segment of each held-out file.
 
-Three reconstruction losses (`TrainConfig.audio_loss`); the training loop adds the quantizer's own terms.
-- "waveform": a squared error on the waveform plus a lightly weighted multi-resolution log-mel loss (L1 between
-  log10 mel magnitude spectrograms at three FFT sizes, 512 / 1024 / 2048 at 16 kHz, scaled with the sample
-  rate). The weighting is what a short CPU run can learn from: with an L1 waveform term the output collapses
-  to silence (the median of an unpredictable sample is 0), and with the mel term at full weight the model
-  matches spectra with incoherent phase (SI-SNR stays near -35 dB for hundreds of steps).
-- "spectral": the multi-scale log-mel L1 of DAC (seven windows, 32 to 2048 samples at 16 kHz, 5 to 320 mel
-  bands) at DAC's weight, plus the waveform squared error at unit weight to anchor the phase. It trades
-  SI-SNR for what listeners and PESQ / STOI hear: spectral envelopes at every time scale.
-- "complex": "spectral" plus the squared error of power-law compressed complex spectra (|S|^0.3 with S's
-  phase, 1024-sample window at 16 kHz), relative to the target's, at weight 2. Magnitude losses leave the
-  phase free, and a decoder that synthesises through an inverse STFT (`--audio-net stft`) then overlaps frames
-  of unrelated phase (SI-SNR -27 dB after 3,000 steps on LibriSpeech); this term makes it -14 dB and raises
-  PESQ and STOI (benchmarks/README.md).
-The constants below record what was measured.
+The reconstruction losses are vqtok.training.audioloss's; the training loop adds the quantizer's own terms.
 
 Validation runs up to VAL_SECONDS of each held-out file (a whole file when it is shorter) through the model,
 padded to a multiple of the hop and cropped back before scoring (`AudioEvaluator`).
@@ -23,14 +9,10 @@ padded to a multiple of the hop and cropped back before scoring (`AudioEvaluator
 
 from __future__ import annotations
 
-import functools
-import math
 from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
-import torchaudio
 
 from vqtok import plots, stats
 from vqtok.config import ModelConfig, TrainConfig
@@ -38,88 +20,13 @@ from vqtok.data import io as data
 from vqtok.data.streams import AudioSegments, Item, fixed_items, read_audio_headers, split_files
 from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
-from vqtok.nets.audio import INPUT_GAIN
-from vqtok.nets.spectral import compress
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.training.audioloss import reconstruction_loss
 
-# Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
-MEL_WEIGHT = 0.002
-# Scale of the whole reconstruction loss against the quantizer's terms. At 1 the commitment loss (beta 0.25)
-# holds the encoder output at its initial scale and SI-SNR stays below -30 dB for 300 steps; at 25 (the balance
-# of beta = 0.01) it passes -10 dB by step 150 (FSDD, 8 stages of 1024 codes).
-RECON_WEIGHT = 25.0
-# Added to mel magnitudes before the log: keeps the log's gradient bounded on near-silent output.
-MEL_FLOOR = 1e-2
-# The "spectral" loss: (window at 16 kHz, mel bands) per scale and the weight of their mean, as in DAC; the
-# floor is DAC's clamp, low enough that quiet passages count (speech sits ~40 dB above it).
-SPECTRAL_SCALES = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320))
-SPECTRAL_WEIGHT = 15.0
-SPECTRAL_FLOOR = 1e-5
-# The "complex" loss adds to "spectral" the error of power-law compressed complex spectra (as in speech
-# enhancement), which rewards the waveform's phase where the signal has energy.
-COMPLEX_WINDOW = 1024
-COMPLEX_WEIGHT = 2.0
 # The validation files a run keeps when the data set is too small to hold any out.
 FALLBACK_VAL_FILES = 8
 # Validation segments: up to this many seconds of each held-out file, from a seeded offset.
 VAL_SECONDS = 10.0
-
-
-def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
-    """(n_fft, n_mels) per resolution of the mel loss: 512 / 1024 / 2048 at 16 kHz, scaled with the rate and
-    rounded to powers of two (256 / 512 / 1024 at 8 kHz). Bands are n_fft / 16, at most 80, so the narrow
-    low-frequency mel filters of a short FFT are never empty."""
-    sizes = []
-    for n in (512, 1024, 2048):
-        n_fft = 2 ** max(6, round(math.log2(n * sample_rate / 16000)))
-        sizes.append((n_fft, max(8, min(80, n_fft // 16))))
-    return sizes
-
-
-def spectral_scales(sample_rate: int) -> list[tuple[int, int]]:
-    """(window, mel bands) per scale of the "spectral" loss: SPECTRAL_SCALES at 16 kHz, windows scaled with the
-    rate and rounded to powers of two; bands capped at window / 4 so no mel filter falls between FFT bins."""
-    scales = []
-    for window, bands in SPECTRAL_SCALES:
-        n_fft = 2 ** max(4, round(math.log2(window * sample_rate / 16000)))
-        scales.append((n_fft, min(bands, n_fft // 4)))
-    return scales
-
-
-@functools.lru_cache(maxsize=32)
-def _mel(sample_rate: int, n_fft: int, n_mels: int, device: torch.device) -> torchaudio.transforms.MelSpectrogram:
-    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=n_fft // 4,
-                                                n_mels=n_mels, power=1.0).to(device)
-
-
-def log_mel_l1(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, scales: list[tuple[int, int]],
-               floor: float) -> torch.Tensor:
-    """Mean over scales of mean |log10(mel(recon) + floor) - log10(mel(target) + floor)| on magnitude mel
-    spectrograms (Hann window, hop n_fft / 4): (B, 1, T) pairs -> scalar."""
-    r, t = recon.flatten(1), target.flatten(1)
-    total = recon.new_zeros(())
-    for n_fft, n_mels in scales:
-        mel = _mel(sample_rate, n_fft, n_mels, recon.device)
-        total = total + (torch.log10(mel(r) + floor) - torch.log10(mel(t) + floor)).abs().mean()
-    return total / len(scales)
-
-
-def complex_window(sample_rate: int) -> int:
-    """The "complex" loss's STFT window: 1024 samples at 16 kHz, scaled with the rate to a power of two."""
-    return 2 ** max(6, round(math.log2(COMPLEX_WINDOW * sample_rate / 16000)))
-
-
-def compressed_spectrum_error(recon: torch.Tensor, target: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """Squared error between power-law compressed complex spectra (|S|^0.3 with S's phase; Hann window, hop
-    n_fft / 4) relative to the target's compressed energy: (B, 1, T) pairs -> scalar, 0 only when the spectra
-    match in magnitude and phase, 1 for silence against any target, 2 for the right magnitudes at random phase."""
-    window = torch.hann_window(n_fft, device=recon.device)
-
-    def compressed(x: torch.Tensor) -> torch.Tensor:
-        return compress(torch.stft(x.flatten(1).float(), n_fft, n_fft // 4, window=window, return_complex=True))
-
-    r, t = compressed(recon), compressed(target)
-    return (r - t).abs().pow(2).mean() / t.abs().pow(2).mean().detach().clamp(min=1e-8)
 
 
 def segment_samples(train_config: TrainConfig, sample_rate: int, hop: int) -> int:
@@ -158,16 +65,7 @@ class AudioTask:
         return batch
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        wave = F.mse_loss(recon * INPUT_GAIN, target * INPUT_GAIN)
-        if self.loss in ("spectral", "complex"):
-            mel = log_mel_l1(recon, target, self.sample_rate, spectral_scales(self.sample_rate), SPECTRAL_FLOOR)
-            loss = wave + SPECTRAL_WEIGHT * mel
-            if self.loss == "complex":
-                loss = loss + COMPLEX_WEIGHT * compressed_spectrum_error(recon * INPUT_GAIN, target * INPUT_GAIN,
-                                                                         complex_window(self.sample_rate))
-            return loss
-        mel = log_mel_l1(recon, target, self.sample_rate, mel_sizes(self.sample_rate), MEL_FLOOR)
-        return RECON_WEIGHT * (wave + MEL_WEIGHT * mel)
+        return reconstruction_loss(recon, target, self.sample_rate, self.loss)
 
     @staticmethod
     def batch_metrics(recon: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
