@@ -2,6 +2,7 @@
 
     python benchmarks/speech.py runs/speech/model.safetensors
     python benchmarks/speech.py runs/speech/model.safetensors --clips 10 --out /tmp/speech
+    python benchmarks/speech.py models/speech/model.safetensors --refine 0     # no refined rows: a minute or two
 
 Clips: the first --clips audio files under --data (sorted by path), mono, at 16 kHz (resampled when a file is
 not). Each row's rate is that of its real files, 8 * bytes / the clip's duration, averaged over clips:
@@ -9,6 +10,10 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
 - vqtok, for every stage count 1..S: `AudioEvaluator` builds in memory the `.vqt` file `vqtok encode` would
   write (`--codec packed`, and `--codec entropy` with the model's code table: `kbps_entropy`); the nominal rate
   is stages x log2 K x frames/s. The model sees the clip at its own rate; its output is resampled to 16 kHz.
+- vqtok refined ("vqtok refined"), for the stage counts of --refine-stages: the same with the codes refined
+  --refine steps by analysis by synthesis, as `vqtok encode --refine N` writes them (vqtok.jobs.refine);
+  --refine 0 leaves these rows out. They take most of the run: about 1.3 s per second of audio and stage count
+  at 50 steps on two CPU cores.
 - Opus: `opusenc --hard-cbr --framesize 20 --bitrate B` (B = OPUS_KBPS) on a 16-bit 16 kHz WAV, then
   `opusdec --rate 16000`; the rate counts the whole .opus file, Ogg pages and OpusHead / OpusTags included.
 - Codec 2: `c2enc MODE` (MODE = CODEC2_MODES) on 16-bit 8 kHz raw samples (resampled from 16 kHz), `c2dec`,
@@ -92,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clips", type=int, default=30, help="use the first N files, sorted by path (default 30)")
     p.add_argument("--other", type=Path, default=DEFAULT_OTHER,
                    help="speech of another corpus and rate for the generalisation rows (default: %(default)s)")
+    p.add_argument("--refine", type=int, default=50, help="refinement steps of the refined rows; 0: none (default 50)")
+    p.add_argument("--refine-stages", default="1,2,3,4,5,8",
+                   help="stage counts of the refined rows, comma-separated (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the model (auto, cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for speech.json and the two PNGs")
     return p.parse_args()
@@ -122,9 +130,11 @@ def mean_scores(scores: list[dict]) -> dict:
     return out
 
 
-def vqtok_rows(model_path: Path, clips: list[Clip], device: str) -> tuple[dict, list[dict], list[torch.Tensor]]:
-    """The model's description, one row per stage count 1..S (file kbps packed and entropy-coded, nominal kbps,
-    mean scores), and each row's decoded first clip at RATE."""
+def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: int = 0,
+               stage_counts: list[int] | None = None) -> tuple[dict, list[dict], list[torch.Tensor]]:
+    """The model's description, one row per stage count (`stage_counts`, default 1..S: file kbps packed and
+    entropy-coded, nominal kbps, mean scores), and each row's decoded first clip at RATE. `refine` > 0: codes
+    refined that many steps, rows named "vqtok refined"."""
     dev = pick_device(device)
     model = load(model_path, dev)
     if model.config.modality != "audio":
@@ -138,13 +148,15 @@ def vqtok_rows(model_path: Path, clips: list[Clip], device: str) -> tuple[dict, 
                {**audio_header(rate, data.audio_info(clip.path), mono=True), "source": clip.source})
               for clip in clips]
     rows, firsts = [], []
-    for stages in range(1, q.stages + 1):
-        evaluator = AudioEvaluator(model, stages, table)
-        decoded = [speech.at_speech_rate(evaluator.add(wave, fields), rate) for wave, fields in inputs]
+    for stages in stage_counts or range(1, q.stages + 1):
+        evaluator = AudioEvaluator(model, stages, table, refine=refine)
+        decoded = [speech.at_speech_rate(evaluator.add(wave, {**fields, **({"refine": refine} if refine else {})}),
+                                         rate) for wave, fields in inputs]
         scores = [speech.score(clip.wave, wave) for clip, wave in zip(clips, decoded)]
         firsts.append(decoded[0])
         result = evaluator.result()
-        rows.append({"codec": "vqtok", "setting": f"{stages} stage{'s' * (stages > 1)}", "stages": stages,
+        setting = f"{stages} stage{'s' * (stages > 1)}" + (f", {refine} steps" if refine else "")
+        rows.append({"codec": "vqtok refined" if refine else "vqtok", "setting": setting, "stages": stages,
                      "nominal_kbps": result["kbps"], "kbps": result["kbps_packed_file"],
                      "kbps_entropy": result["kbps_entropy_file"], **mean_scores(scores)})
     return info, rows, firsts
@@ -230,23 +242,26 @@ def spectrograms(clip: Clip, rows: list[dict], firsts: list[torch.Tensor], path:
     stage count whose entropy-coded rate is nearest Opus's file rate (or PICTURE_KBPS). Returns what it shows."""
     opus = next((i for i, r in enumerate(rows) if r["codec"] == "Opus" and r["nominal_kbps"] == PICTURE_KBPS), None)
     target = PICTURE_KBPS if opus is None else rows[opus]["kbps"]
-    vq = min((i for i, r in enumerate(rows) if r["codec"] == "vqtok"),
+    ours = "vqtok refined" if any(r["codec"] == "vqtok refined" for r in rows) else "vqtok"
+    vq = min((i for i, r in enumerate(rows) if r["codec"] == ours),
              key=lambda i: abs(rows[i]["kbps_entropy"] - target))
     panels = [(f"original {clip.source}", clip.wave)]
     if opus is not None:
         panels.append((f"Opus {PICTURE_KBPS} kbps ({rows[opus]['kbps']:.2f} kbps file)",
                        undo_delay(clip.wave, firsts[opus])))
-    panels.append((f"vqtok {rows[vq]['setting']} ({rows[vq]['kbps_entropy']:.2f} kbps entropy-coded file)",
+    panels.append((f"{ours} {rows[vq]['setting']} ({rows[vq]['kbps_entropy']:.2f} kbps entropy-coded file)",
                    undo_delay(clip.wave, firsts[vq])))
     plots.spectrogram_panels(panels, RATE, path, title="the first clip (rates: means over all clips)")
     return {"clip": clip.source, "panels": [label for label, _ in panels]}
 
 
 def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
-    """PESQ and STOI against file kbps, one curve per codec (vqtok twice: packed and entropy-coded). Returns
+    """PESQ and STOI against file kbps, one curve per codec (vqtok three times: packed, entropy-coded, and
+    refined and entropy-coded; a curve with no rows is left out). Returns
     False, drawing nothing, when neither score was measured."""
     series = {"vqtok packed": ("vqtok", "kbps"), "vqtok entropy": ("vqtok", "kbps_entropy"),
-              "Opus": ("Opus", "kbps"), "Codec 2": ("Codec 2", "kbps")}
+              "vqtok refined, entropy": ("vqtok refined", "kbps_entropy"), "Opus": ("Opus", "kbps"),
+              "Codec 2": ("Codec 2", "kbps")}
     charts = {label: {name: [(r[x], r[key]) for r in rows if r["codec"] == codec and key in r]
                       for name, (codec, x) in series.items()}
               for key, label in (("pesq_wb", "PESQ-wb (MOS-LQO)"), ("stoi", "STOI"))}
@@ -256,19 +271,23 @@ def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str) -> dict | None:
-    """vqtok at every stage count on the files of `folder` (scored as the main rows), each row with
-    `pesq_drop`: its PESQ below the same stage count's on the main clips. Printed as a table; None (and one
-    line) when the folder is absent."""
+def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str, refine: int = 0,
+                        refine_stages: list[int] | None = None) -> dict | None:
+    """vqtok at every stage count on the files of `folder` (scored as the main rows), and refined at
+    `refine_stages` when `refine` > 0, each row with `pesq_drop`: its PESQ below the same codec and stage
+    count's on the main clips. Printed as a table; None (and one line) when the folder is absent."""
     if not folder.is_dir():
         print(f"{folder} is absent: no generalisation rows", file=sys.stderr)
         return None
     clips = load_clips(folder, len(data.find_inputs([folder])[1]))
-    main = {r["stages"]: r for r in rows if r["codec"] == "vqtok"}
+    main = {(r["codec"], r["stages"]): r for r in rows if r["codec"].startswith("vqtok")}
     _, other, _ = vqtok_rows(model_path, clips, device)
+    if refine:
+        other += vqtok_rows(model_path, clips, device, refine, refine_stages)[1]
     for row in other:
-        if row.get("pesq_wb") is not None and main[row["stages"]].get("pesq_wb") is not None:
-            row["pesq_drop"] = main[row["stages"]]["pesq_wb"] - row["pesq_wb"]
+        ours = main[row["codec"], row["stages"]]
+        if row.get("pesq_wb") is not None and ours.get("pesq_wb") is not None:
+            row["pesq_drop"] = ours["pesq_wb"] - row["pesq_wb"]
     rates = sorted({data.audio_info(clip.path)[0] for clip in clips})
     print_table(other, f"{folder.name}: {len(clips)} files at {', '.join(map(str, rates))} Hz, scored at 16 kHz",
                 extra=[("PESQ below main", "pesq_drop", ".3f", "right")])
@@ -306,6 +325,12 @@ def main() -> None:
     args = parse_args()
     if args.clips < 1:
         raise SystemExit("error: --clips must be at least 1")
+    if args.refine < 0:
+        raise SystemExit("error: --refine must be >= 0")
+    try:
+        refine_stages = sorted({int(n) for n in args.refine_stages.split(",")})
+    except ValueError:
+        raise SystemExit(f"error: --refine-stages must be comma-separated stage counts, got {args.refine_stages!r}") from None
     if not args.data.is_dir():
         print(f"skipped: {args.data} is absent (LibriSpeech test-other is ../shared/data/librispeech/test-other)",
               file=sys.stderr)
@@ -319,14 +344,20 @@ def main() -> None:
     for name in speech.missing_packages():
         print(f"{name} not installed: no {speech.PACKAGES[name]} column ({speech.INSTALL_HINT})", file=sys.stderr)
     info, rows, firsts = vqtok_rows(args.model, clips, args.device)
+    if args.refine:
+        stage_counts = [n for n in refine_stages if 1 <= n <= info["stages"]]
+        _, refined, refined_firsts = vqtok_rows(args.model, clips, args.device, args.refine, stage_counts)
+        rows, firsts = rows + refined, firsts + refined_firsts
     with tempfile.TemporaryDirectory() as work:
         more, more_firsts = codec_rows(clips, Path(work))
     rows, firsts = rows + more, firsts + more_firsts
     title = f"{args.data.name}: {len(clips)} clips, {seconds:.0f} s, scored at 16 kHz"
     print_table(rows, title)
-    other = generalisation_rows(args.model, args.other, rows, args.device)
+    other = generalisation_rows(args.model, args.other, rows, args.device, args.refine,
+                                [n for n in refine_stages if 1 <= n <= info["stages"]])
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
+              "refine": args.refine,
               "packages": {name: _version(name) for name in speech.PACKAGES},
               "tools": {tool: shutil.which(tool) for tools, _ in TOOLS.values() for tool in tools}, "rows": rows,
               "other": other, "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}

@@ -12,6 +12,8 @@ import torch
 
 from vqtok.data import io as data
 from vqtok import speech, stats
+from vqtok.jobs.audiostream import WaveSignal
+from vqtok.jobs.refine import refined_codes
 from vqtok.tokens import tokfile
 from vqtok.tokens.tokfile import CodeTable
 from vqtok.nets.tokenizer import Tokenizer
@@ -145,13 +147,15 @@ class AudioEvaluator:
     memory, over the file's duration: `kbps_packed_file` and, when a model code `table` (S, K) is given,
     `kbps_entropy_file` (see TokenFileSizes). With `score_speech`, each file is also scored at 16 kHz with PESQ
     wide-band (`pesq_wb`, over the files PESQ accepts; `pesq_skipped` counts the others) and STOI (`stoi`),
-    each when its package is installed (vqtok.speech).
+    each when its package is installed (vqtok.speech). `refine` > 0: the codes are refined that many steps, as
+    `vqtok encode --refine` refines them (vqtok.jobs.refine).
     """
 
     def __init__(self, model: Tokenizer, stages: int | None = None, table: CodeTable | None = None,
-                 score_speech: bool = False):
+                 score_speech: bool = False, refine: int = 0):
         q = model.config.quantizer
         self.model = model
+        self.refine = refine
         self.stages = stages or q.stages
         self.codebook_size = q.codebook_size
         self.token_files = TokenFileSizes(model, self.stages, table)
@@ -176,6 +180,11 @@ class AudioEvaluator:
         reconstruction (1, T)."""
         padded, length = data.pad_length(wave, self.model.hop)
         out = self.model(padded[None], self.stages)
+        if self.refine:
+            codes = refined_codes(self.model, WaveSignal(wave, self.model.config.sample_rate), self.refine,
+                                  self.stages)
+            out = out._replace(recon=self.model.decode(codes.movedim(1, 0).to(wave.device)),
+                               indices=codes.movedim(1, 0).to(wave.device))
         recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
         rate = self.model.config.sample_rate
         self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])

@@ -2,7 +2,7 @@
 
 A `Signal` is audio that can be read by sample range, with silence outside [0, length). Three kinds chain:
 `FileSignal` (a sound file read block by block with soundfile), `ResampledSignal` (another signal at a new
-rate) and `DecodedSignal` (the waveform of token codes). `encode_signal` encodes a signal chunk by chunk and
+rate) and `DecodedSignal` (the waveform of token codes); `WaveSignal` wraps a waveform already in memory. `encode_signal` encodes a signal chunk by chunk and
 `write_signal` writes one to a WAV file in blocks, so memory follows the chunk, not the file.
 
 Chunks overlap by a margin that covers the receptive field of the stage that consumes them (the sinc
@@ -56,6 +56,17 @@ def _place(block: torch.Tensor, first: int, start: int, stop: int, length: int) 
     if hi > lo:
         out[:, lo - start:hi - start] = block[:, lo - first:hi - first]
     return out
+
+
+class WaveSignal:
+    """A waveform already in memory, (channels, length) at `rate` Hz, as a Signal."""
+
+    def __init__(self, wave: torch.Tensor, rate: int):
+        self.wave, self.rate = wave, rate
+        self.channels, self.length = wave.shape
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return _place(self.wave, 0, start, stop, self.length)
 
 
 class FileSignal:

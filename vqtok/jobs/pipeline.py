@@ -116,6 +116,7 @@ def encode_files(
     chunk_seconds: float | None = None,
     num_workers: int | None = None,
     part: Part | None = None,
+    refine: int = 0,
     on_file: FileCallback | None = None,
 ) -> RunReport:
     """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
@@ -137,11 +138,14 @@ def encode_files(
     vqtok.tokens.shards), `out/shard.*` or, for part I of N, `out/shard-0000I-of-0000N.*`, in file order;
     items keep their relative name and header fields as metadata. A complete part shard is kept (a rerun
     redoes only the parts that did not finish); a whole run's complete shard is an error unless `force`.
+    `refine` > 0 (audio only): refine each file's codes that many steps by analysis by synthesis
+    (vqtok.jobs.refine); slower, same bitrate, better sound.
     """
     begin = time.perf_counter()
     dev = rank_device(pick_device(device))
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     _check_encode_options(channels, chunk_seconds, batch_size, num_workers)
+    check_refine(refine, modality, model_path)
     part = process_part(part)
     report = RunReport()
     notify = on_file or (lambda _p, _o: None)
@@ -162,7 +166,7 @@ def encode_files(
         with OrderedWriter(results.write, results.failed) as writer:
             if modality == "audio":
                 encode_audio_files(model, todo, writer, stages, channels == "mono", chunk_seconds or CHUNK_SECONDS,
-                                   workers, store)
+                                   workers, store, refine)
             else:
                 encode_image_files(model, todo, writer, stages, batch_size, workers, store)
     except BaseException:
@@ -208,6 +212,14 @@ class _Results:
     def failed(self, index: int, reason: str) -> None:
         self.report.failed.append((str(self.todo[index]), reason))
         self.notify(self.todo[index], "failed")
+
+
+def check_refine(refine: int, modality: str, model_path: Path) -> None:
+    """Refinement steps must be >= 0, and > 0 only for an audio model."""
+    if refine < 0:
+        raise VqtokError(f"--refine must be >= 0, got {refine}")
+    if refine and modality != "audio":
+        raise VqtokError(f"--refine is for audio models; {model_path} is an {modality} model")
 
 
 def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size: int,
@@ -439,8 +451,10 @@ def encode_job_files(files: int, batch_size: int, workers: int) -> int:
 
 
 def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
-                       mono: bool, chunk_seconds: float, workers: int = 0, store: StoreFile | None = None) -> None:
-    """Encode audio files (each in chunks, see `encode_audio`), handing each file's codes to `writer` with its
+                       mono: bool, chunk_seconds: float, workers: int = 0, store: StoreFile | None = None,
+                       refine: int = 0) -> None:
+    """Encode audio files (each in chunks, see `encode_audio`; refined `refine` steps), handing each file's codes
+    to `writer` with its
     index into `paths`.
 
     On a CPU with `workers` > 0 and more than one file (on Linux, see FORKED_WORKERS), each worker process reads,
@@ -452,7 +466,7 @@ def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedW
     # The job holds the model and `store` closures, so it needs forked workers. In this process the writer
     # thread writes the token files, while the next file encodes.
     in_workers = cpu and workers > 0 and FORKED_WORKERS and len(paths) > 1
-    job = AudioEncodeJob(model, paths, stages, mono, chunk_seconds, store if in_workers else None)
+    job = AudioEncodeJob(model, paths, stages, mono, chunk_seconds, store if in_workers else None, refine)
     for index, header, result in worker_jobs(len(paths), 1, workers if in_workers else 0, job):
         if isinstance(result, str):
             writer.fail(index, result)
@@ -465,14 +479,15 @@ class AudioEncodeJob:
     numpy, or with `store` what it wrote, or the reason it could not be read)."""
 
     def __init__(self, model: Tokenizer, paths: Sequence[Path], stages: int | None, mono: bool,
-                 chunk_seconds: float, store: StoreFile | None = None) -> None:
+                 chunk_seconds: float, store: StoreFile | None = None, refine: int = 0) -> None:
         self.model, self.paths, self.stages, self.mono = model, paths, stages, mono
-        self.chunk_seconds, self.store = chunk_seconds, store
+        self.chunk_seconds, self.store, self.refine = chunk_seconds, store, refine
 
     def __call__(self, indices: range) -> tuple[int, dict | None, np.ndarray | Stored | VqtokError | str]:
         (index,) = indices
         try:
-            codes, header = encode_audio(self.model, self.paths[index], self.stages, self.mono, self.chunk_seconds)
+            codes, header = encode_audio(self.model, self.paths[index], self.stages, self.mono, self.chunk_seconds,
+                                         self.refine)
         except VqtokError as err:
             return index, None, str(err)
         codes = codes.numpy()
@@ -480,24 +495,26 @@ class AudioEncodeJob:
 
 
 def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
-                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[torch.Tensor, dict]:
+                 chunk_seconds: float = CHUNK_SECONDS, refine: int = 0) -> tuple[torch.Tensor, dict]:
     """Codes of one audio file, (S, frames) mono or (S, C, frames), and the header fields decode needs:
     sample_rate (the model's), original_sample_rate, original_length (samples at the original rate),
-    channels (in the file), channel_mode ("mono": mixed down, "keep": one code row per channel)."""
+    channels (in the file), channel_mode ("mono": mixed down, "keep": one code row per channel), and with
+    `refine` > 0 "refine", the steps (see vqtok.jobs.refine)."""
     rate = model.config.sample_rate
     source, signal = model_signal(path, rate, mono)
     with source:
-        codes = encode_signal(model, signal, stages, chunk_seconds)
-    return codes, audio_header(rate, (source.rate, source.length, source.file_channels), mono)
+        codes = encode_signal(model, signal, stages, chunk_seconds, refine)
+    return codes, audio_header(rate, (source.rate, source.length, source.file_channels), mono, refine)
 
 
-def audio_header(sample_rate: int, info: tuple[int, int, int], mono: bool) -> dict:
+def audio_header(sample_rate: int, info: tuple[int, int, int], mono: bool, refine: int = 0) -> dict:
     """The header fields decode needs for a file encoded at `sample_rate` (the model's), from its `info`
     (rate in Hz, frames, channels; `data.audio_info`): sample_rate, original_sample_rate, original_length,
-    channels, channel_mode."""
+    channels, channel_mode; and "refine", the refinement steps, when there were any."""
     rate, frames, channels = info
-    return {"sample_rate": sample_rate, "original_sample_rate": rate, "original_length": frames,
-            "channels": channels, "channel_mode": "mono" if mono else "keep"}
+    header = {"sample_rate": sample_rate, "original_sample_rate": rate, "original_length": frames,
+              "channels": channels, "channel_mode": "mono" if mono else "keep"}
+    return {**header, "refine": refine} if refine else header
 
 
 def image_batches(
