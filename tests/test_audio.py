@@ -20,9 +20,10 @@ from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import AudioTask, segment_samples
-from vqtok.training.audioloss import compressed_spectrum_error, mel_sizes, spectral_scales
-from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, decoded_signal, encode_signal, model_signal,
-                               resampled_length, write_signal)
+from vqtok.training.audioloss import compressed_spectrum_error, mel_sizes, reconstruction_loss, spectral_scales
+from vqtok.jobs import refine
+from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, WaveSignal, decoded_signal, encode_signal,
+                                    model_signal, resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
@@ -550,3 +551,73 @@ def test_stft_nets_train_encode_and_decode_from_the_command_line(clips: Path, tm
     odd = invoke("train", clips, "--out", tmp_path / "odd", "--audio-net", "stft", "--synthesis-frames", "3",
                  "--device", "cpu")
     assert odd.exit_code == 1 and "divide the hop (320 samples)" in odd.output and not (tmp_path / "odd").exists()
+
+
+# ------------------------------------------------------------------------------------------------- refine
+
+
+def recon_loss(model: Tokenizer, codes: torch.Tensor, wave: torch.Tensor) -> float:
+    """The refinement loss of decoding codes (S, frames) against wave (1, T)."""
+    with torch.no_grad():
+        recon = model.decode(codes[None])[:, :, :wave.shape[1]]
+    return float(reconstruction_loss(recon, wave[None], RATE, refine.LOSS))
+
+
+@pytest.mark.parametrize("audio_net", ["conv", "stft"])
+def test_refining_lowers_the_loss_of_what_the_codes_decode_to(long_stereo: Path, audio_net: str) -> None:
+    wave = data.load_audio(long_stereo, RATE)[:, :2 * RATE]
+    model = seeded(wave, audio_net)
+    signal = WaveSignal(wave, RATE)
+    plain = encode_signal(model, signal)
+    refined = encode_signal(model, signal, refine=20)
+    assert refined.shape == plain.shape and bool((refined != plain).any())
+    assert recon_loss(model, refined, wave) < recon_loss(model, plain, wave)
+    assert model.training is False and all(p.grad is None for p in model.parameters())
+
+
+def test_refining_no_steps_is_a_plain_encode_and_windows_tile_the_signal(long_stereo: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    wave = data.load_audio(long_stereo, RATE)[:, :3 * RATE + 123]
+    model = seeded(wave, "stft")
+    signal = WaveSignal(wave, RATE)
+    plain = encode_signal(model, signal)
+    assert float((encode_signal(model, signal, refine=0) == plain).float().mean()) == 1.0
+    monkeypatch.setattr(refine, "WINDOW_FRAMES", 40)  # 151 frames: four windows, the last one short
+    unrefined = refine.refined_codes(model, signal, 0)[:, 0]
+    assert unrefined.shape == plain.shape and float((unrefined == plain).float().mean()) >= 0.999
+    refined = encode_signal(model, signal, refine=5)
+    assert refined.shape == plain.shape
+    assert recon_loss(model, refined, wave) < recon_loss(model, plain, wave)
+
+
+def test_refined_codes_repeat_and_ignore_the_chunk_length(long_stereo: Path) -> None:
+    file, signal = model_signal(long_stereo, RATE)
+    model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE], "stft")
+    with file:
+        first = encode_signal(model, signal, refine=2, chunk_seconds=0.7)
+        again = encode_signal(model, signal, refine=2, chunk_seconds=30.0)
+    assert torch.equal(first, again)
+
+
+def test_encode_and_eval_refine_from_the_command_line(trained: Path, clips: Path, sample_images: Path,
+                                                      tmp_path: Path) -> None:
+    model = trained / "model.safetensors"
+    result = invoke("encode", model, clips / "nested", "--out", tmp_path / "tokens", "--refine", "2", "--json")
+    assert result.exit_code == 0, result.output
+    token_file = tmp_path / "tokens" / "stereo.wav.vqt"
+    assert read_header(token_file)["refine"] == 2
+    assert invoke("decode", model, tmp_path / "tokens", "--out", tmp_path / "wav").exit_code == 0
+    assert sf.info(tmp_path / "wav" / "stereo.wav").frames == 44100 * 2 + 37
+    # eval --refine measures the token files encode --refine writes, header included.
+    scored = invoke("eval", model, clips / "nested", "--refine", "2", "--json")
+    assert scored.exit_code == 0, scored.output
+    seconds = (44100 * 2 + 37) / 44100
+    assert json.loads(scored.stdout)["kbps_packed_file"] * seconds * 1000 / 8 == pytest.approx(
+        token_file.stat().st_size)
+    for command in ("encode", "eval"):
+        out = ["--out", tmp_path / "x"] if command == "encode" else []
+        negative = invoke(command, model, clips, *out, "--refine", "-1")
+        assert negative.exit_code == 1 and "--refine must be >= 0" in negative.output
+        images = invoke(command, "mnist", sample_images, *out, "--refine", "3")
+        assert images.exit_code == 1 and "--refine is for audio models; mnist is an image model" in images.output
+    assert not (tmp_path / "x").exists()
