@@ -163,21 +163,23 @@ RECIPES: dict[str, Recipe] = {
              "of its 251 speakers, 52 minutes (`../shared/data/librispeech/train-clean-100`, FLAC 16 kHz; 5% of "
              "the clips validate during training), as random 0.5 s segments; CC BY 4.0: credit LibriSpeech "
              "when you use this model",
-        intended_use="Tokenizing speech at 16 kHz: 50 code frames a second from 8 residual codebooks of 1,024 "
-                     "codes, 0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for "
-                     "0.5 to 4 kbps. Tokens for speech-language-model experiments and low-rate codec comparisons "
-                     "(benchmarks/speech.py puts it beside Opus and Codec 2).",
+        intended_use="Tokenizing speech at 16 kHz: 50 code frames a second from 8 residual codebooks of 1,024 codes, "
+                     "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
+                     "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
+                     "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per second of "
+                     "audio on two CPU cores), which puts 4 stages (2.4 kbps) above Opus at 6 kbps (benchmarks/speech.py "
+                     "puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
                   "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",
                   "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
-               "scope. Any input is mixed to mono and resampled to 16 kHz. On LibriSpeech test-other, from 3 stages "
-               "(1.9 kbps) it scores above every Codec 2 mode in PESQ and STOI (PESQ 1.53-1.57 against 1.39-1.51 "
-               "at 1.2-3.2 kbps); 2 stages (1.4 kbps) are above Codec 2 at 1.2 kbps and level with it at 2.4 "
-               "(PESQ 1.44); one stage (0.9 kbps) is rough (PESQ 1.22). Opus at 6 kbps stays ahead (PESQ 1.79) "
-               "(benchmarks/README.md, Speech).",
+               "scope. Any input is mixed to mono and resampled to 16 kHz. On LibriSpeech test-other, plain "
+               "encoding scores PESQ 1.22-1.57: from 3 stages (1.9 kbps) above every Codec 2 mode (1.39-1.51 at "
+               "1.2-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.57 at 2 stages (1.4 kbps), "
+               "1.83 at 4 (2.4 kbps), 1.87 at 8, and STOI 0.880-0.887 from 4 stages against Opus's 0.857. One "
+               "stage (0.9 kbps) is rough either way (PESQ 1.22-1.24) (benchmarks/README.md, Speech).",
     ),
 }
 

@@ -147,7 +147,7 @@ def _progress() -> Progress:
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout instead of tables.")]
-RefineOpt = Annotated[int, typer.Option(help="Audio: refine the codes N steps by analysis by synthesis (choose them for what the decoder makes of them): better sound at the same bitrate, about a second per second of audio per 50 steps on two CPU cores (0: plain nearest-code encode).")]
+RefineOpt = Annotated[int, typer.Option(help="Audio: refine the codes N steps by analysis by synthesis (choose them for what the decoder makes of them): better sound at the same bitrate, slower encoding (shipped speech model, 50 steps: about a second per second of audio on two CPU cores) (0: plain nearest-code encode).")]
 
 
 @app.command()
