@@ -330,7 +330,8 @@ def main() -> None:
     try:
         refine_stages = sorted({int(n) for n in args.refine_stages.split(",")})
     except ValueError:
-        raise SystemExit(f"error: --refine-stages must be comma-separated stage counts, got {args.refine_stages!r}") from None
+        raise SystemExit(f"error: --refine-stages must be comma-separated stage counts, "
+                         f"got {args.refine_stages!r}") from None
     if not args.data.is_dir():
         print(f"skipped: {args.data} is absent (LibriSpeech test-other is ../shared/data/librispeech/test-other)",
               file=sys.stderr)

@@ -166,9 +166,9 @@ RECIPES: dict[str, Recipe] = {
         intended_use="Tokenizing speech at 16 kHz: 50 code frames a second from 8 residual codebooks of 1,024 codes, "
                      "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
                      "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
-                     "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per second of "
-                     "audio on two CPU cores), which puts 4 stages (2.4 kbps) above Opus at 6 kbps (benchmarks/speech.py "
-                     "puts it beside Opus and Codec 2).",
+                     "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
+                     "second of audio on two CPU cores), which puts 4 stages (2.4 kbps) above Opus at 6 kbps "
+                     "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
                   "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",

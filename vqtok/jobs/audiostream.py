@@ -2,8 +2,9 @@
 
 A `Signal` is audio that can be read by sample range, with silence outside [0, length). Three kinds chain:
 `FileSignal` (a sound file read block by block with soundfile), `ResampledSignal` (another signal at a new
-rate) and `DecodedSignal` (the waveform of token codes); `WaveSignal` wraps a waveform already in memory. `encode_signal` encodes a signal chunk by chunk and
-`write_signal` writes one to a WAV file in blocks, so memory follows the chunk, not the file.
+rate) and `DecodedSignal` (the waveform of token codes); `WaveSignal` wraps a waveform already in memory.
+`encode_signal` encodes a signal chunk by chunk and `write_signal` writes one to a WAV file in blocks, so memory
+follows the chunk, not the file.
 
 Chunks overlap by a margin that covers the receptive field of the stage that consumes them (the sinc
 resampler's kernel, `encoder_context`, `decoder_context`), and the file's edges are treated as the whole-file
