@@ -213,25 +213,34 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up there
     spec.loader.exec_module(bench)
     out = tmp_path / "results"
-    monkeypatch.setattr(sys, "argv", ["speech.py", str(model_path), "--data", str(clips), "--clips", "2",
-                                      "--out", str(out), "--device", "cpu"])
+    args = ["speech.py", str(model_path), "--data", str(clips), "--clips", "2", "--out", str(out), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "2,5"])
+    with pytest.raises(SystemExit, match="--refine-stages must be comma-separated"):
+        monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "two"])
+        bench.main()
+    monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5"])
     bench.main()
     result = json.loads((out / "speech.json").read_text())
-    assert result["clips"] == ["digit.wav", "sub/talk.flac"]
+    assert result["clips"] == ["digit.wav", "sub/talk.flac"] and result["refine"] == 2
     vqtok = [r for r in result["rows"] if r["codec"] == "vqtok"]
     assert [r["stages"] for r in vqtok] == [1, 2]
     assert all(r["kbps_entropy"] <= r["kbps"] and math.isfinite(r["si_snr_db"]) for r in vqtok)
+    # Refined rows only at the model's stage counts; their files are a few header bytes larger ("refine").
+    (refined,) = [r for r in result["rows"] if r["codec"] == "vqtok refined"]
+    assert refined["stages"] == 2 and refined["setting"] == "2 stages, 2 steps"
+    assert refined["kbps"] > vqtok[1]["kbps"]
     codecs = {r["codec"] for r in result["rows"]}
     assert ("Opus" in codecs) == (shutil.which("opusenc") is not None and shutil.which("opusdec") is not None)
     assert ("Codec 2" in codecs) == (shutil.which("c2enc") is not None and shutil.which("c2dec") is not None)
     for row in result["rows"]:
-        if row["codec"] != "vqtok":
+        if not row["codec"].startswith("vqtok"):
             assert row["kbps"] > 0.8 * row["nominal_kbps"] and abs(row["delay_ms"]) <= 50
     assert (out / "speech_spectrograms.png").stat().st_size > 1000
     assert (out / "speech.png").exists() == (speech.missing_packages() != list(speech.PACKAGES))
     assert "PESQ-wb" in capsys.readouterr().out
     other = result["other"]  # the shipped 24 kHz sample of another corpus, resampled by vqtok
-    assert other["rates"] == [24000] and [r["stages"] for r in other["rows"]] == [1, 2]
+    assert other["rates"] == [24000] and [(r["codec"], r["stages"]) for r in other["rows"]] == [
+        ("vqtok", 1), ("vqtok", 2), ("vqtok refined", 2)]
     if "pesq" not in speech.missing_packages():
         assert all(math.isfinite(r["pesq_drop"]) for r in other["rows"])
 
