@@ -181,10 +181,9 @@ class AudioEvaluator:
         padded, length = data.pad_length(wave, self.model.hop)
         out = self.model(padded[None], self.stages)
         if self.refine:
-            codes = refined_codes(self.model, WaveSignal(wave, self.model.config.sample_rate), self.refine,
-                                  self.stages)
-            out = out._replace(recon=self.model.decode(codes.movedim(1, 0).to(wave.device)),
-                               indices=codes.movedim(1, 0).to(wave.device))
+            signal = WaveSignal(wave, self.model.config.sample_rate)
+            indices = refined_codes(self.model, signal, self.refine, self.stages).movedim(1, 0).to(wave.device)
+            out = out._replace(recon=self.model.decode(indices), indices=indices)
         recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
         rate = self.model.config.sample_rate
         self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])
