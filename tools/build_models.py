@@ -177,9 +177,9 @@ RECIPES: dict[str, Recipe] = {
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. On LibriSpeech test-other, plain "
                "encoding scores PESQ 1.22-1.57: from 3 stages (1.9 kbps) above every Codec 2 mode (1.39-1.51 at "
-               "1.2-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.57 at 2 stages (1.4 kbps), "
-               "1.83 at 4 (2.4 kbps), 1.87 at 8, and STOI 0.880-0.887 from 4 stages against Opus's 0.857. One "
-               "stage (0.9 kbps) is rough either way (PESQ 1.22-1.24) (benchmarks/README.md, Speech).",
+               "1.2-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.62 at 2 stages (1.4 kbps), "
+               "1.84 at 4 (2.4 kbps), 1.88 at 8, and STOI 0.881-0.887 from 4 stages against Opus's 0.857. One "
+               "stage (0.9 kbps) is rough either way (PESQ 1.22-1.27) (benchmarks/README.md, Speech).",
     ),
 }
 

@@ -6,8 +6,8 @@ waveform error, multi-scale log-mel L1, compressed complex spectra) of decode(qu
 the quantizer's straight-through gradient carrying the loss back to z; then z is quantized as a plain encode
 quantizes it. This is how classic speech codecs (CELP) pick their codes. The decoder and the token format stay
 as they are: refined token files decode anywhere a plain one does, at the same bitrate. On the shipped speech
-model, 50 steps raise PESQ-wb on LibriSpeech test-other by 0.13-0.31 at 2-8 stages (nothing at one stage, whose
-codes are too coarse for the gradient to steer) (benchmarks/README.md, Speech); an encode then costs about a
+model, 50 steps raise PESQ-wb on LibriSpeech test-other by 0.17-0.31 at 2-8 stages (0.05 at one stage, whose
+codes are too coarse for the gradient to steer far) (benchmarks/README.md, Speech); an encode then costs about a
 second per second of audio on two CPU cores.
 
 A signal is refined in windows of WINDOW_FRAMES code frames at fixed positions (frames k * WINDOW_FRAMES
