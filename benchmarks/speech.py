@@ -145,13 +145,12 @@ def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: int = 0
     table = code_table(model)
     # Each clip as the model sees it, and the header fields `vqtok encode DATA` would record for it.
     inputs = [(data.load_audio(clip.path, rate).to(dev),
-               {**audio_header(rate, data.audio_info(clip.path), mono=True), "source": clip.source})
+               {**audio_header(rate, data.audio_info(clip.path), mono=True, refine=refine), "source": clip.source})
               for clip in clips]
     rows, firsts = [], []
     for stages in stage_counts or range(1, q.stages + 1):
         evaluator = AudioEvaluator(model, stages, table, refine=refine)
-        decoded = [speech.at_speech_rate(evaluator.add(wave, {**fields, **({"refine": refine} if refine else {})}),
-                                         rate) for wave, fields in inputs]
+        decoded = [speech.at_speech_rate(evaluator.add(wave, fields), rate) for wave, fields in inputs]
         scores = [speech.score(clip.wave, wave) for clip, wave in zip(clips, decoded)]
         firsts.append(decoded[0])
         result = evaluator.result()
@@ -328,7 +327,7 @@ def main() -> None:
     if args.refine < 0:
         raise SystemExit("error: --refine must be >= 0")
     try:
-        refine_stages = sorted({int(n) for n in args.refine_stages.split(",")})
+        refine_stages = sorted({int(n) for n in args.refine_stages.split(",")})  # filtered by the model below
     except ValueError:
         raise SystemExit(f"error: --refine-stages must be comma-separated stage counts, "
                          f"got {args.refine_stages!r}") from None
@@ -345,17 +344,16 @@ def main() -> None:
     for name in speech.missing_packages():
         print(f"{name} not installed: no {speech.PACKAGES[name]} column ({speech.INSTALL_HINT})", file=sys.stderr)
     info, rows, firsts = vqtok_rows(args.model, clips, args.device)
+    refine_stages = [n for n in refine_stages if 1 <= n <= info["stages"]]
     if args.refine:
-        stage_counts = [n for n in refine_stages if 1 <= n <= info["stages"]]
-        _, refined, refined_firsts = vqtok_rows(args.model, clips, args.device, args.refine, stage_counts)
+        _, refined, refined_firsts = vqtok_rows(args.model, clips, args.device, args.refine, refine_stages)
         rows, firsts = rows + refined, firsts + refined_firsts
     with tempfile.TemporaryDirectory() as work:
         more, more_firsts = codec_rows(clips, Path(work))
     rows, firsts = rows + more, firsts + more_firsts
     title = f"{args.data.name}: {len(clips)} clips, {seconds:.0f} s, scored at 16 kHz"
     print_table(rows, title)
-    other = generalisation_rows(args.model, args.other, rows, args.device, args.refine,
-                                [n for n in refine_stages if 1 <= n <= info["stages"]])
+    other = generalisation_rows(args.model, args.other, rows, args.device, args.refine, refine_stages)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
               "refine": args.refine,

@@ -16,7 +16,7 @@ from vqtok.jobs.audiostream import WaveSignal
 from vqtok.jobs.refine import refined_codes
 from vqtok.tokens import tokfile
 from vqtok.tokens.tokfile import CodeTable
-from vqtok.nets.tokenizer import Tokenizer
+from vqtok.nets.tokenizer import Tokenizer, TokenizerOutput
 
 
 def codebook_figures(usages: list[stats.CodeUsage], err: float, energy: float) -> dict[str, float]:
@@ -179,11 +179,12 @@ class AudioEvaluator:
         the path relative to the input folder), which makes the measured file sizes exact. Returns the clamped
         reconstruction (1, T)."""
         padded, length = data.pad_length(wave, self.model.hop)
-        out = self.model(padded[None], self.stages)
         if self.refine:
             signal = WaveSignal(wave, self.model.config.sample_rate)
             indices = refined_codes(self.model, signal, self.refine, self.stages).movedim(1, 0).to(wave.device)
-            out = out._replace(recon=self.model.decode(indices), indices=indices)
+            out = TokenizerOutput(self.model.decode(indices), indices, {}, self.model.encoder(padded[None]))
+        else:
+            out = self.model(padded[None], self.stages)
         recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
         rate = self.model.config.sample_rate
         self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])

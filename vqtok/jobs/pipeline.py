@@ -454,8 +454,7 @@ def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedW
                        mono: bool, chunk_seconds: float, workers: int = 0, store: StoreFile | None = None,
                        refine: int = 0) -> None:
     """Encode audio files (each in chunks, see `encode_audio`; refined `refine` steps), handing each file's codes
-    to `writer` with its
-    index into `paths`.
+    to `writer` with its index into `paths`.
 
     On a CPU with `workers` > 0 and more than one file (on Linux, see FORKED_WORKERS), each worker process reads,
     resamples and encodes whole files on one thread (`AudioEncodeJob`), and with `store` writes their token
