@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqtok.errors import TokenFileError  # noqa: E402
-from vqtok.tokens.tokfile import MAGIC, decode_tokens, encode_tokens  # noqa: E402
+from vqtok.tokens.tokfile import MAGIC, decode_tokens, encode_tokens, header_bytes, parse_header  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz_tokens.json"
 TIME_LIMIT_S = 2.0
@@ -64,14 +64,14 @@ def make_seeds(rng: np.random.Generator) -> list[tuple[bytes, np.ndarray | None]
 def _forge_header(data: bytes, rng: np.random.Generator) -> bytes:
     """Replace one header field with a hostile value, keeping the framing consistent."""
     (head_len,) = struct.unpack_from("<I", data, 6)
-    header = json.loads(data[10 : 10 + head_len])
+    header = parse_header(data[10 : 10 + head_len])
     key = str(rng.choice(["grid", "stages", "codebook_size", "codec", "precision", "table", "table_crc", "version"]))
     hostile = [10**12, -1, 0, 2**64, [10**6, 10**6], [], "x", None, 1.5, True, {"a": 1}, [3] * 50, 24, 12]
     if key == "version":
         prefix = bytes([int(rng.integers(0, 4)), int(rng.integers(0, 256))])
         return data[:4] + prefix + data[6:]
     header[key] = hostile[int(rng.integers(len(hostile)))]
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = header_bytes(header)
     return data[:6] + struct.pack("<I", len(head)) + head + data[10 + head_len :]
 
 

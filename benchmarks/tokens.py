@@ -130,7 +130,7 @@ def tokenize(model_file: Path, test_dir: Path, limit: int | None, batch_size: in
 
 
 def file_parts(blob: bytes) -> tuple[int, int]:
-    """(JSON header bytes, payload bytes) of an encoded token file."""
+    """(header bytes (compressed JSON), payload bytes) of an encoded token file."""
     head_len = int.from_bytes(blob[6:10], "little")
     return head_len, len(blob) - FIXED_OVERHEAD_BYTES - head_len
 

@@ -18,7 +18,7 @@ from vqtok.cli import app
 from vqtok.jobs.pipeline import code_table
 from vqtok.modelfile import load, save_model
 from vqtok.tokens.context import ContextTable
-from vqtok.tokens.tokfile import FIXED_OVERHEAD_BYTES, read_tokens
+from vqtok.tokens.tokfile import FIXED_OVERHEAD_BYTES, header_bytes, read_tokens
 
 runner = CliRunner()
 TINY = ["--steps", "40", "--warmup", "5", "--batch-size", "16", "--channels", "32", "--code-dim", "16", "--codebook-size", "32",
@@ -70,7 +70,7 @@ def test_round_trip_tokens_equal_encoder_tokens(model_path: Path, images: Path, 
 def test_token_file_size_is_packed_bits_plus_header(model_path: Path, images: Path, tmp_path: Path) -> None:
     assert invoke("encode", model_path, images, "--out", tmp_path).exit_code == 0
     path = next(tmp_path.rglob("*.vqt"))
-    header_len = len(json.dumps(read_tokens(path).header, separators=(",", ":")).encode())
+    header_len = len(header_bytes(read_tokens(path).header))
     packed = (7 * 7 * 5 + 7) // 8  # K=32: 5 bits per code
     assert path.stat().st_size <= FIXED_OVERHEAD_BYTES + header_len + packed + 8
 

@@ -6,6 +6,7 @@ import json
 import struct
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +17,17 @@ from vqtok.errors import TokenFileError
 from vqtok.tokens.rangecoder import max_codes
 from vqtok.tokens.tokfile import (
     FIXED_OVERHEAD_BYTES,
+    HEADER_DICTIONARY,
     MAGIC,
     Tokens,
     bits_per_code,
     decode_tokens,
     encode_tokens,
     entropy_precision,
+    header_bytes,
     normalize_table,
+    parse_header,
+    peek_header,
     read_tokens,
     write_tokens,
 )
@@ -36,16 +41,25 @@ GRIDS = st.one_of(
 )
 
 
+def _inflate(raw: bytes) -> bytes:
+    """A format-2 header field back to its JSON text, with zlib alone (raw DEFLATE, the preset dictionary)."""
+    inflater = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
+    return inflater.decompress(raw) + inflater.flush()
+
+
 def _split(data: bytes) -> tuple[dict, int]:
     """(header dict, offset of the payload length field) of an encoded file."""
     (head_len,) = struct.unpack_from("<I", data, 6)
-    return json.loads(data[10 : 10 + head_len]), 10 + head_len
+    return json.loads(_inflate(data[10 : 10 + head_len])), 10 + head_len
 
 
-def _rebuild(data: bytes, header: dict | None = None, version: tuple[int, int] | None = None) -> bytes:
-    """The file with its header or version replaced and a valid CRC, to test checks behind the CRC."""
+def _rebuild(data: bytes, header: dict | None = None, version: tuple[int, int] | None = None,
+             head: bytes | None = None) -> bytes:
+    """The file with its header (a dict, or the raw header field `head`) or version replaced and a valid CRC,
+    to test checks behind the CRC."""
     old, at = _split(data)
-    head = json.dumps(old if header is None else header, separators=(",", ":")).encode()
+    if head is None:
+        head = header_bytes(old if header is None else header)
     (payload_len,) = struct.unpack_from("<I", data, at)
     payload = data[at + 4 : at + 4 + payload_len]
     body = MAGIC + bytes(version or data[4:6]) + struct.pack("<I", len(head)) + head + struct.pack("<I", len(payload)) + payload
@@ -97,9 +111,9 @@ def test_uniform_random_codes_round_trip_through_disk(tmp_path, codec):
 def test_packed_size_is_exact():
     codes = np.arange(49).reshape(1, 7, 7) * 10
     data = encode_tokens(codes, HEADER, codebook_size=512)
-    header_bytes = len(json.dumps(_split(data)[0], separators=(",", ":")).encode())
+    head_len = len(header_bytes(_split(data)[0]))
     assert bits_per_code(512) == 9
-    assert len(data) == FIXED_OVERHEAD_BYTES + header_bytes + (49 * 9 + 7) // 8
+    assert len(data) == FIXED_OVERHEAD_BYTES + head_len + (49 * 9 + 7) // 8
     assert FIXED_OVERHEAD_BYTES == 18
 
 
@@ -111,23 +125,79 @@ def test_bits_per_code(k, bits):
 def test_header_has_no_whitespace_and_keeps_caller_fields():
     data = encode_tokens(np.zeros((1, 3, 3), dtype=np.int64), {**HEADER, "original_size": [28, 28]}, codebook_size=16)
     header, at = _split(data)
-    assert b" " not in data[10:at]
+    assert b" " not in _inflate(data[10:at])
     assert header["original_size"] == [28, 28] and header["codec"] == "packed"
 
 
 def test_unknown_header_field_and_newer_minor_version_still_open():
     codes = np.arange(6).reshape(1, 2, 3)
     data = encode_tokens(codes, HEADER, codebook_size=8)
-    header = {**_split(data)[0], "added_in_1_7": {"anything": [1, 2]}}
-    tokens = decode_tokens(_rebuild(data, header=header, version=(1, 7)))
+    header = {**_split(data)[0], "added_in_2_7": {"anything": [1, 2]}}
+    tokens = decode_tokens(_rebuild(data, header=header, version=(2, 7)))
     np.testing.assert_array_equal(tokens.codes, codes)
-    assert tokens.header["added_in_1_7"] == {"anything": [1, 2]}
+    assert tokens.header["added_in_2_7"] == {"anything": [1, 2]}
 
 
 def test_newer_major_version_is_refused_clearly():
-    data = _rebuild(encode_tokens(np.zeros((1, 2, 2), dtype=np.int64), HEADER, codebook_size=4), version=(2, 0))
-    with pytest.raises(TokenFileError, match=r"x\.vqt: format version 2\.0 is newer .* upgrade vqtok"):
+    data = _rebuild(encode_tokens(np.zeros((1, 2, 2), dtype=np.int64), HEADER, codebook_size=4), version=(3, 0))
+    with pytest.raises(TokenFileError, match=r"x\.vqt: format version 3\.0 is newer .* upgrade vqtok"):
         decode_tokens(data, source="x.vqt")
+
+
+def test_header_is_deflated_against_the_dictionary_and_much_smaller_than_its_json(tmp_path):
+    audio = {"fingerprint": "b9034cba7d97724d", "modality": "audio", "sample_rate": 16000,
+             "original_sample_rate": 16000, "original_length": 240000, "channels": 1, "channel_mode": "mono",
+             "source": "1688-142285-0000.flac"}
+    codes = np.arange(750).reshape(1, 750) % 1024
+    data = encode_tokens(codes, audio, codebook_size=1024)
+    assert data[4:6] == bytes([2, 0])
+    header, at = _split(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert header == {**audio, "codec": "packed", "codebook_size": 1024, "stages": 1, "grid": [750]}
+    assert at - 10 <= len(text) // 3  # 257 bytes of JSON in about 60
+    path = tmp_path / "a.vqt"
+    path.write_bytes(data)
+    assert peek_header(path) == header == parse_header(data[10:at])
+
+
+def test_format_1_files_with_plain_json_headers_still_open(tmp_path):
+    codes = np.arange(12).reshape(2, 6) % 5
+    new = encode_tokens(codes, HEADER, codebook_size=5, codec="entropy")
+    header, _ = _split(new)
+    old = _rebuild(new, version=(1, 0), head=json.dumps(header, separators=(",", ":")).encode())
+    tokens = decode_tokens(old)
+    np.testing.assert_array_equal(tokens.codes, codes)
+    assert tokens.header == header
+    path = tmp_path / "old.vqt"
+    path.write_bytes(old)
+    assert peek_header(path) == header
+
+
+@pytest.mark.parametrize("head,problem", [
+    (b"not deflate at all \xff\xff", "not valid DEFLATE data"),
+    (header_bytes(HEADER)[:-3], "does not end where its length says"),
+    (header_bytes(HEADER) + b"\x00", "does not end where its length says"),
+    (zlib.compress(b"[1, 2]")[2:-4], "not a JSON object"),
+    (zlib.compress(b"{" * 1000)[2:-4], "not valid JSON"),
+])
+def test_bad_compressed_headers_are_refused(head, problem):
+    data = _rebuild(encode_tokens(np.zeros((1, 2, 2), dtype=np.int64), HEADER, codebook_size=4), head=head)
+    with pytest.raises(TokenFileError, match=f"x\\.vqt: .*{problem}"):
+        decode_tokens(data, source="x.vqt")
+
+
+def test_header_that_inflates_without_bound_is_refused_before_it_takes_memory():
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = bomb.compress(b'{"a":"' + b"x" * 50_000_000) + bomb.flush()  # 48 KB inflating to 50 MB
+    data = _rebuild(encode_tokens(np.zeros((1, 2, 2), dtype=np.int64), HEADER, codebook_size=4), head=head)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenFileError, match="header inflates to more than 65536 bytes"):
+            decode_tokens(data, source="x.vqt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000
 
 
 @pytest.mark.parametrize("codec", ["packed", "entropy"])
@@ -321,3 +391,10 @@ def test_mutated_files_decode_or_raise_token_file_error(data, codec, fix_crc):
     except TokenFileError:
         return
     assert tokens.codes.dtype == np.int64 and (tokens.codes < 11).all()
+
+
+def test_format_document_spells_out_the_header_dictionary():
+    text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    block = text.split("the breaks below are for reading):\n\n```\n")[1].split("\n```")[0]
+    assert block.replace("\n", "").encode() == HEADER_DICTIONARY
+    assert f"the {len(HEADER_DICTIONARY)} bytes of" in text
