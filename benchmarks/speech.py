@@ -16,8 +16,8 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
   at 50 steps on two CPU cores.
 - Opus: `opusenc --hard-cbr --framesize 20 --bitrate B` (B = OPUS_KBPS) on a 16-bit 16 kHz WAV, then
   `opusdec --rate 16000`; the rate counts the whole .opus file, Ogg pages and OpusHead / OpusTags included.
-- Codec 2: `c2enc MODE` (MODE = CODEC2_MODES) on 16-bit 8 kHz raw samples (resampled from 16 kHz), `c2dec`,
-  then back to 16 kHz; the rate counts the .c2 file, its mode header included.
+- Codec 2: `c2enc MODE` (each of CODEC2_MODES, 450 to 3200 bit/s) on 16-bit 8 kHz raw samples (resampled from
+  16 kHz), `c2dec`, then back to 16 kHz; the rate counts the .c2 file, its mode header included.
 
 Every decoded clip is scored by one function, `vqtok.speech.score`: at 16 kHz, the codec's delay undone (the lag
 of largest cross-correlation within +-50 ms; both signals shifted and trimmed to their overlap), then PESQ
@@ -68,7 +68,9 @@ DEFAULT_OTHER = ROOT / "samples" / "heldout" / "speech-24k"
 RESULTS = ROOT / "benchmarks" / "results"
 RATE = speech.SPEECH_RATE
 OPUS_KBPS = (6, 8, 12)
-CODEC2_MODES = (1200, 2400, 3200)
+# Every narrow-band mode of Codec 2 1.x, named as c2enc takes them, with its bit rate in kbps.
+CODEC2_MODES = {"450": 0.45, "700C": 0.7, "1200": 1.2, "1300": 1.3, "1400": 1.4, "1600": 1.6, "2400": 2.4,
+                "3200": 3.2}
 CODEC2_RATE = 8000
 # The Opus setting in the spectrogram picture.
 PICTURE_KBPS = 6
@@ -190,14 +192,14 @@ def opus_round_trip(kbps: int) -> RoundTrip:
     return round_trip
 
 
-def codec2_round_trip(mode: int) -> RoundTrip:
+def codec2_round_trip(mode: str) -> RoundTrip:
     def round_trip(wave: torch.Tensor, work: Path) -> tuple[int, torch.Tensor]:
         source, coded, decoded = work / "in.raw", work / "out.c2", work / "out.raw"
         narrow = AF.resample(wave, RATE, CODEC2_RATE).clamp(-1.0, 1.0)
         source.write_bytes((narrow * 32767).round().to(torch.int16).numpy().astype("<i2").tobytes())
         # The .c2 suffix makes c2enc write, and c2dec read, a header naming the mode.
-        run_tool("c2enc", str(mode), str(source), str(coded))
-        run_tool("c2dec", str(mode), str(coded), str(decoded))
+        run_tool("c2enc", mode, str(source), str(coded))
+        run_tool("c2dec", mode, str(coded), str(decoded))
         samples = np.frombuffer(decoded.read_bytes(), dtype="<i2").astype(np.float32) / 32768.0
         return coded.stat().st_size, AF.resample(torch.from_numpy(samples), CODEC2_RATE, RATE)
 
@@ -205,7 +207,7 @@ def codec2_round_trip(mode: int) -> RoundTrip:
 
 
 CODECS = {"Opus": [(f"{kbps} kbps", kbps, opus_round_trip(kbps)) for kbps in OPUS_KBPS],
-          "Codec 2": [(f"mode {mode}", mode / 1000.0, codec2_round_trip(mode)) for mode in CODEC2_MODES]}
+          "Codec 2": [(f"mode {mode}", kbps, codec2_round_trip(mode)) for mode, kbps in CODEC2_MODES.items()]}
 
 
 def codec_rows(clips: list[Clip], work: Path) -> tuple[list[dict], list[torch.Tensor]]:

@@ -82,6 +82,26 @@ def test_card_figures_are_reproduced_by_eval(name: str, one_torch_thread) -> Non
             assert got[rate] == pytest.approx(row[rate], rel=RATE_TOLERANCE), (name, row["stages"], rate)
 
 
+def test_refresh_measures_the_shipped_model_again_and_keeps_its_training(tmp_path: Path, one_torch_thread) -> None:
+    name = "mnist"
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "models" / name, folder)
+    card = json.loads((folder / zoo.CARD_FILE).read_text())
+    stale = {**card, "sample": {**card["sample"], "rows": [{**row, "bpp_packed_file": 99.0} for row in card["sample"]["rows"]]},
+             "limits": "old text"}
+    (folder / zoo.CARD_FILE).write_text(json.dumps(stale))
+    recipe = dataclasses.replace(build_models.RECIPES[name], heldout=build_models.RECIPES[name].sample)
+    fresh = build_models.refresh(name, recipe, tmp_path)
+    assert fresh["training"] == card["training"] and fresh["model"] == card["model"]
+    assert fresh["limits"] == recipe.limits
+    for got, row in zip(fresh["sample"]["rows"], card["sample"]["rows"], strict=True):
+        assert got["bpp_packed_file"] == pytest.approx(row["bpp_packed_file"], rel=RATE_TOLERANCE)
+    assert json.loads((folder / zoo.CARD_FILE).read_text()) == fresh
+    assert "old text" not in (folder / "README.md").read_text()
+    with pytest.raises(VqtokError, match="no card to refresh"):
+        build_models.refresh("photos", recipe, tmp_path)
+
+
 # Issue-level promise of the speech model: on speech of another corpus, speakers and rate it stays this close
 # (PESQ-wb) to its LibriSpeech test-other figure.
 GENERALISATION_PESQ = 0.3

@@ -5,6 +5,7 @@ model.safetensors, card.json (the figures, for `vqtok models` and tests/test_mod
     .venv/bin/python tools/build_models.py mnist                        # train into runs/models/mnist, then card
     .venv/bin/python tools/build_models.py photos --run runs/photos     # a run of the recipe, trained already
     .venv/bin/python tools/build_models.py                              # all of them (`make models`)
+    .venv/bin/python tools/build_models.py --refresh speech             # measure models/speech again, no training
 
 Training runs the recipe's `vqtok train` command from the repository root; an interrupted build continues its
 run (--resume). A recipe with a fine-tune trains in two runs: the base into RUN-base (runs/models/NAME-base),
@@ -305,26 +306,17 @@ def eval_table(model: Path, modality: str, stages: int, data: str) -> dict[str, 
     return {"data": data, "files": int(files), "rows": rows}
 
 
-def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
-    """Evaluate the run's model, then write it, its card.json and its README.md into models/NAME/; returns the
-    card."""
+def figures(source: Path, recipe: Recipe) -> dict[str, Any]:
+    """The card's measured part for the model file `source`: headline (all stages), eval (held-out data) and
+    sample (the repository's sample) tables, and the model's size and identity."""
     from vqtok.modelfile import FINGERPRINT_KEY, VERSION_KEY, load, read_metadata
 
-    infos = check_runs(run, recipe)
-    source = run / "model.safetensors"
-    add_context_tables(source, recipe)
-    store_half_nets(source)
     model = load(source)
     metadata = read_metadata(source)
-    host_file = run / "host.json"
     modality, stages = model.config.modality, model.config.quantizer.stages
     table = eval_table(source, modality, stages, recipe.heldout)
     full = table["rows"][-1]  # all stages: the model's top rate and quality
-    card = {
-        "name": name,
-        "description": recipe.description,
-        "modality": modality,
-        "unit": zoo.UNITS[modality],
+    return {
         "headline": {"stages": stages, **{k: full[k] for k in (*zoo.RATES[modality], *zoo.QUALITY[modality])
                                           if k in full}},
         "model": {
@@ -334,6 +326,28 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
             "vqtok_version": metadata[VERSION_KEY],
             "config": json.loads(model.config.to_json()),
         },
+        "eval": table,
+        "sample": eval_table(source, modality, stages, recipe.sample),
+    }
+
+
+def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
+    """Evaluate the run's model, then write it, its card.json and its README.md into models/NAME/; returns the
+    card."""
+    infos = check_runs(run, recipe)
+    source = run / "model.safetensors"
+    add_context_tables(source, recipe)
+    store_half_nets(source)
+    host_file = run / "host.json"
+    measured = figures(source, recipe)
+    modality = measured["model"]["config"]["modality"]
+    card = {
+        "name": name,
+        "description": recipe.description,
+        "modality": modality,
+        "unit": zoo.UNITS[modality],
+        "headline": measured["headline"],
+        "model": measured["model"],
         "training": {
             "command": " && ".join(shlex.join(command) for command in recipe.commands()),
             "data": recipe.data,
@@ -343,17 +357,36 @@ def build(name: str, recipe: Recipe, run: Path, models: Path) -> dict[str, Any]:
             "hardware": json.loads(host_file.read_text()) if host_file.is_file() else hardware(),
             "hardware_recorded": host_file.is_file(),
         },
-        "eval": table,
-        "sample": eval_table(source, modality, stages, recipe.sample),
+        "eval": measured["eval"],
+        "sample": measured["sample"],
         "intended_use": recipe.intended_use,
         "limits": recipe.limits,
     }
     folder = models / name
     with atomic_path(folder / zoo.MODEL_FILE) as tmp:
         shutil.copyfile(source, tmp)
+    write_card(folder, card)
+    return card
+
+
+def refresh(name: str, recipe: Recipe, models: Path) -> dict[str, Any]:
+    """Measure the shipped models/NAME again and rewrite its card (figures, intended use and limits from the
+    recipe), keeping how it was trained: for changes that move the figures without retraining, such as the
+    token file format or the evaluation. Returns the card."""
+    folder = models / name
+    card_file = folder / zoo.CARD_FILE
+    if not card_file.is_file():
+        raise VqtokError(f"{card_file}: no card to refresh; build the model first")
+    card = json.loads(card_file.read_text())
+    card.update(figures(folder / zoo.MODEL_FILE, recipe), intended_use=recipe.intended_use, limits=recipe.limits)
+    write_card(folder, card)
+    return card
+
+
+def write_card(folder: Path, card: dict[str, Any]) -> None:
+    """card.json and README.md (`card_markdown`) of a model folder, atomically."""
     write_bytes_atomic(folder / zoo.CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
     write_bytes_atomic(folder / "README.md", card_markdown(card).encode())
-    return card
 
 
 def add_context_tables(source: Path, recipe: Recipe) -> None:
@@ -490,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"models to build: {', '.join(RECIPES)} (default: all)")
     parser.add_argument("--run", type=Path, help="a finished run of the recipe to adopt instead of training "
                                                  "(one NAME only)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="measure the shipped models again and rewrite their cards; no training")
     args = parser.parse_args(argv)
     names = args.names or list(RECIPES)
     unknown = [name for name in names if name not in RECIPES]
@@ -497,8 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no recipe for {', '.join(unknown)} (recipes: {', '.join(RECIPES)})")
     if args.run is not None and len(names) != 1:
         parser.error("--run takes one NAME")
+    if args.run is not None and args.refresh:
+        parser.error("--refresh measures the shipped model; it takes no --run")
     try:
         for name in names:
+            if args.refresh:
+                refresh(name, RECIPES[name], ROOT / "models")
+                print(f"models/{name}: card measured again: models/{name}/README.md")
+                continue
             run = args.run or RUNS / name
             if args.run is None and not finished(run):
                 train(RECIPES[name], run)
