@@ -444,3 +444,19 @@ def test_relative_names_take_the_innermost_root_and_never_a_name_prefix(tmp_path
     assert name(tmp_path / "data2" / "z.png") == "z.png"
     assert name(tmp_path / "data22" / "w.png") == "w.png"  # outside every root: the file name alone
     assert name(inner) == "inner"
+
+
+def _job_range(files: range) -> tuple[int, int]:
+    return files.start, files.stop
+
+
+@pytest.mark.parametrize("count,job_files,workers", [(1000, 256, 2), (300, 38, 2), (5, 1, 2), (7, 3, 0), (1, 256, 2)])
+def test_worker_jobs_cover_every_file_once_in_order_with_as_many_jobs_per_worker(count, job_files, workers):
+    from vqtok.data.readers import worker_jobs
+
+    ranges = list(worker_jobs(count, job_files, workers, _job_range))
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(count))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) <= job_files and max(sizes) - min(sizes) <= 1
+    if workers and len(ranges) < count:
+        assert len(ranges) % workers == 0  # handed out in turn: every worker runs as many

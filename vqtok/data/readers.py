@@ -147,17 +147,17 @@ def decoded_chunks(paths: Sequence[Path], multiple: int, chunk_size: int, worker
 
 
 class _Jobs(Dataset):
-    """Job j of `count` files taken `job_files` at a time: run(range of file indices)."""
+    """Job j of `jobs` near-equal consecutive ranges of `count` file indices: run(range(count j // jobs,
+    count (j + 1) // jobs))."""
 
-    def __init__(self, count: int, job_files: int, run: Callable[[range], object]) -> None:
-        self.count, self.job_files, self.run = count, job_files, run
+    def __init__(self, count: int, jobs: int, run: Callable[[range], object]) -> None:
+        self.count, self.jobs, self.run = count, jobs, run
 
     def __len__(self) -> int:
-        return -(-self.count // self.job_files)
+        return self.jobs
 
     def __getitem__(self, job: int) -> object:
-        start = job * self.job_files
-        return self.run(range(start, min(self.count, start + self.job_files)))
+        return self.run(range(self.count * job // self.jobs, self.count * (job + 1) // self.jobs))
 
 
 def _as_is(result: T) -> T:
@@ -167,16 +167,21 @@ def _as_is(result: T) -> T:
 
 
 def worker_jobs(count: int, job_files: int, workers: int, run: Callable[[range], T]) -> Iterator[T]:
-    """run(files) for consecutive ranges of `job_files` file indices out of `count`, in `workers` processes
-    (0: in this process), yielded in order.
+    """run(files) for consecutive ranges of at most `job_files` file indices out of `count`, in `workers`
+    processes (0: in this process), yielded in order. The ranges are near-equal and, with workers, as many for
+    each (the loader hands them out in turn), so the workers finish together rather than one running a job
+    longer while the others wait.
 
     For work whose result is much smaller than its input, such as encoding images to codes on a CPU: each worker
     runs torch on one thread (DataLoader sets it) and sends back only what `run` returns, pickled through the
     pipe (return numpy arrays, not tensors, which would go through shared memory). At most 2 jobs per worker
     are in flight. `run` must be picklable unless FORKED_WORKERS.
     """
-    workers = min(workers, -(-count // job_files))
-    loader = DataLoader(_Jobs(count, job_files, run), batch_size=None, num_workers=workers, collate_fn=_as_is,
+    jobs = -(-count // job_files)
+    workers = min(workers, jobs)
+    if workers:
+        jobs = min(count, -(-jobs // workers) * workers)
+    loader = DataLoader(_Jobs(count, jobs, run), batch_size=None, num_workers=workers, collate_fn=_as_is,
                         multiprocessing_context=_START_METHOD if workers else None,
                         # Without its own generator the loader draws its workers' base seed from the global RNG,
                         # and running an encode would change what the caller's next random numbers are.
