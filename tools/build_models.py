@@ -148,7 +148,7 @@ RECIPES: dict[str, Recipe] = {
                      "(benchmarks/rate_distortion.py puts it beside JPEG and WebP).",
         limits="Small (96 channels) and trained on 200 photos for 14,000 steps on a CPU: fine texture, text and "
                "faces come back blurred. At both rates its entropy-coded files beat JPEG at equal bits on "
-               "BSDS500 val (+1.9 and +0.25 dB); WebP is sharper at both (by 0.7 and 1.3 dB). A third stage "
+               "BSDS500 val (+2.1 and +0.4 dB); WebP is sharper at both (by 0.6 and 1.2 dB). A third stage "
                "(0.46 bpp) stayed about 1 dB below JPEG, so the model stops at two. BSDS500 allows "
                "non-commercial research and educational use only; so does this model.",
     ),
