@@ -3,7 +3,6 @@ large images routed through tiles by decode, and the decompression-bomb guards o
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -22,7 +21,7 @@ from vqtok.data import io as data
 from vqtok.jobs import pipeline, tiles
 from vqtok.modelfile import save_model
 from vqtok.nets.tokenizer import Tokenizer, image_decoder_context, image_encoder_context
-from vqtok.tokens.tokfile import MAGIC, VERSION, read_tokens, write_tokens
+from vqtok.tokens.tokfile import MAGIC, VERSION, header_bytes, read_tokens, write_tokens
 
 HEIGHT, WIDTH = 302, 498  # not multiples of 4 or 8: the bottom and right windows are padded
 
@@ -203,7 +202,7 @@ def test_encode_files_tiles_images_above_the_limit(model_file, tmp_path: Path, m
 
 def token_file_bytes(header: dict) -> bytes:
     """A token file with `header` and an empty payload: enough for the header checks, which run first."""
-    head = json.dumps(header).encode()
+    head = header_bytes(header)
     body = MAGIC + bytes(VERSION) + struct.pack("<I", len(head)) + head + struct.pack("<I", 0)
     return body + struct.pack("<I", zlib.crc32(body))
 
