@@ -260,6 +260,18 @@ def test_header_length_limit():
         decode_tokens(bytes(data))
 
 
+def test_writer_refuses_headers_a_reader_would_refuse():
+    codes = np.zeros((1, 1, 1), dtype=np.int64)
+    with pytest.raises(ValueError, match="header is 70.* bytes; the limit is 65536"):
+        encode_tokens(codes, {**HEADER, "note": "x" * 70_000}, codebook_size=2)
+    # The largest JSON a writer accepts compresses to fewer bytes, so the reader takes it.
+    for chars in (" ~", "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!#$%&'()*+,-./:;<=>?@[]^_`{|}"):
+        text = "".join(np.random.default_rng(0).choice(list(chars), 65_000))
+        header = {**HEADER, "note": text[: 65536 - 120]}
+        data = encode_tokens(codes, header, codebook_size=2)
+        assert decode_tokens(data).header["note"] == header["note"]
+
+
 def test_model_table_must_be_given_and_must_match():
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 64, size=(2, 8, 8))

@@ -5,7 +5,7 @@ Layout (docs/FORMAT.md has the full description and the rules a reader enforces)
     magic b"VQTK" | major u8 | minor u8 | header_len u32 | header | payload_len u32 | payload | CRC32 u32
 
 All integers are little-endian; the CRC32 covers every byte before it. The header is a JSON object: in format 2
-(written now) DEFLATE-compressed against a preset dictionary of the fields vqtok writes (`HEADER_DICTIONARY`),
+(what this version writes) DEFLATE-compressed against a preset dictionary of the fields vqtok writes (`HEADER_DICTIONARY`),
 which takes a typical header from 170-310 bytes to 45-75; format 1 files (plain JSON) still open. Two payload
 codecs:
 
@@ -304,6 +304,8 @@ def header_bytes(header: dict[str, Any]) -> bytes:
     if len(text) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(text)} bytes; the limit is {MAX_HEADER_BYTES}")
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=HEADER_DICTIONARY)
+    # JSON is printable ASCII (json.dumps escapes the rest), under 7 bits a byte for DEFLATE's Huffman codes, so
+    # the compressed header is always shorter than the JSON and within the limit too.
     return packer.compress(text) + packer.flush()
 
 
