@@ -168,7 +168,7 @@ RECIPES: dict[str, Recipe] = {
                      "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
                      "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
                      "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
-                     "second of audio on two CPU cores), which puts 4 stages (2.4 kbps) above Opus at 6 kbps "
+                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps "
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
@@ -177,10 +177,11 @@ RECIPES: dict[str, Recipe] = {
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. On LibriSpeech test-other, plain "
-               "encoding scores PESQ 1.22-1.57: from 3 stages (1.9 kbps) above every Codec 2 mode (1.39-1.51 at "
-               "1.2-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.62 at 2 stages (1.4 kbps), "
-               "1.84 at 4 (2.4 kbps), 1.88 at 8, and STOI 0.881-0.887 from 4 stages against Opus's 0.857. One "
-               "stage (0.9 kbps) is rough either way (PESQ 1.22-1.27) (benchmarks/README.md, Speech).",
+               "encoding scores PESQ 1.22-1.57: from 3 stages (1.6 kbps) above every Codec 2 mode (1.20-1.51 at "
+               "0.45-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.60 at 2 stages (1.1 kbps, "
+               "above every Codec 2 mode), 1.84 at 4 (2.1 kbps), 1.88 at 8, and STOI 0.881-0.887 from 4 stages "
+               "against Opus's 0.857. One stage (0.6 kbps) is rough either way (PESQ 1.22-1.27: above Codec 2 "
+               "450, below 700C and 1200) (benchmarks/README.md, Speech).",
     ),
 }
 
