@@ -87,8 +87,8 @@ def test_refresh_measures_the_shipped_model_again_and_keeps_its_training(tmp_pat
     folder = tmp_path / name
     shutil.copytree(ROOT / "models" / name, folder)
     card = json.loads((folder / zoo.CARD_FILE).read_text())
-    stale = {**card, "sample": {**card["sample"], "rows": [{**row, "bpp_packed_file": 99.0} for row in card["sample"]["rows"]]},
-             "limits": "old text"}
+    stale_rows = [{**row, "bpp_packed_file": 99.0} for row in card["sample"]["rows"]]
+    stale = {**card, "sample": {**card["sample"], "rows": stale_rows}, "limits": "old text"}
     (folder / zoo.CARD_FILE).write_text(json.dumps(stale))
     recipe = dataclasses.replace(build_models.RECIPES[name], heldout=build_models.RECIPES[name].sample)
     fresh = build_models.refresh(name, recipe, tmp_path)

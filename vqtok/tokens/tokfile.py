@@ -5,9 +5,9 @@ Layout (docs/FORMAT.md has the full description and the rules a reader enforces)
     magic b"VQTK" | major u8 | minor u8 | header_len u32 | header | payload_len u32 | payload | CRC32 u32
 
 All integers are little-endian; the CRC32 covers every byte before it. The header is a JSON object: in format 2
-(what this version writes) DEFLATE-compressed against a preset dictionary of the fields vqtok writes (`HEADER_DICTIONARY`),
-which takes a typical header from 170-310 bytes to 45-75; format 1 files (plain JSON) still open. Two payload
-codecs:
+(what this version writes) DEFLATE-compressed against a preset dictionary of the fields vqtok writes
+(`HEADER_DICTIONARY`), which takes a typical header from 170-310 bytes to 45-75; format 1 files (plain JSON) still
+open. Two payload codecs:
 
 - "packed": the codes of all stages, stage by stage in C order, at ceil(log2 K) bits each, LSB first.
 - "entropy": a range coder (`rangecoder.py`) on static integer frequency tables: the model's code frequencies, one
