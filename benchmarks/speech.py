@@ -14,6 +14,10 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
   --refine steps by analysis by synthesis, as `vqtok encode --refine N` writes them (vqtok.jobs.refine);
   --refine 0 leaves these rows out. They take most of the run: about 1.3 s per second of audio and stage count
   at 50 steps on two CPU cores.
+- vqtok searched ("vqtok searched"), for the stage counts of --search-stages: refined as above, then each
+  stage's codes chosen among its --search nearest by the decoded output's log-mel error, as `vqtok encode
+  --refine N --search K` writes them; --search 0 leaves these rows out. About SEARCH_COST s per second of audio
+  and stage at 32 candidates on two CPU cores.
 - Opus: `opusenc --hard-cbr --framesize 20 --bitrate B` (B = OPUS_KBPS) on a 16-bit 16 kHz WAV, then
   `opusdec --rate 16000`; the rate counts the whole .opus file, Ogg pages and OpusHead / OpusTags included.
 - Codec 2: `c2enc MODE` (each of CODEC2_MODES, 450 to 3200 bit/s) on 16-bit 8 kHz raw samples (resampled from
@@ -61,6 +65,7 @@ from vqtok.device import pick_device  # noqa: E402
 from vqtok.errors import VqtokError  # noqa: E402
 from vqtok.evaluate import AudioEvaluator  # noqa: E402
 from vqtok.jobs.pipeline import audio_header, code_table  # noqa: E402
+from vqtok.jobs.refine import Refinement  # noqa: E402
 from vqtok.modelfile import load  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech" / "test-other"
@@ -102,6 +107,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--refine", type=int, default=50, help="refinement steps of the refined rows; 0: none (default 50)")
     p.add_argument("--refine-stages", default="1,2,3,4,5,8",
                    help="stage counts of the refined rows, comma-separated (default: %(default)s)")
+    p.add_argument("--search", type=int, default=32,
+                   help="candidates a stage of the searched rows (after --refine steps); 0: none (default 32)")
+    p.add_argument("--search-stages", default="1,2",
+                   help="stage counts of the searched rows, comma-separated (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the model (auto, cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for speech.json and the two PNGs")
     return p.parse_args()
@@ -132,11 +141,11 @@ def mean_scores(scores: list[dict]) -> dict:
     return out
 
 
-def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: int = 0,
+def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: Refinement = Refinement(),
                stage_counts: list[int] | None = None) -> tuple[dict, list[dict], list[torch.Tensor]]:
     """The model's description, one row per stage count (`stage_counts`, default 1..S: file kbps packed and
-    entropy-coded, nominal kbps, mean scores), and each row's decoded first clip at RATE. `refine` > 0: codes
-    refined that many steps, rows named "vqtok refined"."""
+    entropy-coded, nominal kbps, mean scores), and each row's decoded first clip at RATE. Codes chosen as
+    `refine` says; rows named by `row_codec`."""
     dev = pick_device(device)
     model = load(model_path, dev)
     if model.config.modality != "audio":
@@ -156,11 +165,17 @@ def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: int = 0
         scores = [speech.score(clip.wave, wave) for clip, wave in zip(clips, decoded)]
         firsts.append(decoded[0])
         result = evaluator.result()
-        setting = f"{stages} stage{'s' * (stages > 1)}" + (f", {refine} steps" if refine else "")
-        rows.append({"codec": "vqtok refined" if refine else "vqtok", "setting": setting, "stages": stages,
+        setting = (f"{stages} stage{'s' * (stages > 1)}" + (f", {refine.steps} steps" if refine.steps else "")
+                   + (f", {refine.search} candidates" if refine.search else ""))
+        rows.append({"codec": row_codec(refine), "setting": setting, "stages": stages,
                      "nominal_kbps": result["kbps"], "kbps": result["kbps_packed_file"],
                      "kbps_entropy": result["kbps_entropy_file"], **mean_scores(scores)})
     return info, rows, firsts
+
+
+def row_codec(refine: Refinement) -> str:
+    """The codec column of vqtok rows: "vqtok", "vqtok refined" (gradient steps only) or "vqtok searched"."""
+    return "vqtok searched" if refine.search else "vqtok refined" if refine.steps else "vqtok"
 
 
 def codec_row(codec: str, setting: str, nominal_kbps: float, clips: list[Clip], round_trip: RoundTrip,
@@ -257,11 +272,12 @@ def spectrograms(clip: Clip, rows: list[dict], firsts: list[torch.Tensor], path:
 
 
 def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
-    """PESQ and STOI against file kbps, one curve per codec (vqtok three times: packed, entropy-coded, and
-    refined and entropy-coded; a curve with no rows is left out). Returns
+    """PESQ and STOI against file kbps, one curve per codec (vqtok four times: packed, entropy-coded, refined
+    and searched, both entropy-coded; a curve with no rows is left out). Returns
     False, drawing nothing, when neither score was measured."""
     series = {"vqtok packed": ("vqtok", "kbps"), "vqtok entropy": ("vqtok", "kbps_entropy"),
-              "vqtok refined, entropy": ("vqtok refined", "kbps_entropy"), "Opus": ("Opus", "kbps"),
+              "vqtok refined, entropy": ("vqtok refined", "kbps_entropy"),
+              "vqtok searched, entropy": ("vqtok searched", "kbps_entropy"), "Opus": ("Opus", "kbps"),
               "Codec 2": ("Codec 2", "kbps")}
     charts = {label: {name: [(r[x], r[key]) for r in rows if r["codec"] == codec and key in r]
                       for name, (codec, x) in series.items()}
@@ -272,19 +288,20 @@ def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str, refine: int = 0,
-                        refine_stages: list[int] | None = None) -> dict | None:
-    """vqtok at every stage count on the files of `folder` (scored as the main rows), and refined at
-    `refine_stages` when `refine` > 0, each row with `pesq_drop`: its PESQ below the same codec and stage
-    count's on the main clips. Printed as a table; None (and one line) when the folder is absent."""
+def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str,
+                        more: list[tuple[Refinement, list[int]]] = ()) -> dict | None:
+    """vqtok at every stage count on the files of `folder` (scored as the main rows), and for each
+    (refinement, stage counts) of `more` with its codes so chosen, each row with `pesq_drop`: its PESQ below
+    the same codec and stage count's on the main clips. Printed as a table; None (and one line) when the folder
+    is absent."""
     if not folder.is_dir():
         print(f"{folder} is absent: no generalisation rows", file=sys.stderr)
         return None
     clips = load_clips(folder, len(data.find_inputs([folder])[1]))
     main = {(r["codec"], r["stages"]): r for r in rows if r["codec"].startswith("vqtok")}
     _, other, _ = vqtok_rows(model_path, clips, device)
-    if refine:
-        other += vqtok_rows(model_path, clips, device, refine, refine_stages)[1]
+    for refine, stage_counts in more:
+        other += vqtok_rows(model_path, clips, device, refine, stage_counts)[1]
     for row in other:
         ours = main[row["codec"], row["stages"]]
         if row.get("pesq_wb") is not None and ours.get("pesq_wb") is not None:
@@ -322,17 +339,22 @@ def print_table(rows: list[dict], title: str, extra: list[tuple[str, str, str, s
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def stage_list(text: str, flag: str) -> list[int]:
+    """Comma-separated stage counts -> sorted unique ints (filtered by the model's stages later)."""
+    try:
+        return sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        raise SystemExit(f"error: {flag} must be comma-separated stage counts, got {text!r}") from None
+
+
 def main() -> None:
     args = parse_args()
     if args.clips < 1:
         raise SystemExit("error: --clips must be at least 1")
-    if args.refine < 0:
-        raise SystemExit("error: --refine must be >= 0")
-    try:
-        refine_stages = sorted({int(n) for n in args.refine_stages.split(",")})  # filtered by the model below
-    except ValueError:
-        raise SystemExit(f"error: --refine-stages must be comma-separated stage counts, "
-                         f"got {args.refine_stages!r}") from None
+    if args.refine < 0 or args.search < 0:
+        raise SystemExit("error: --refine and --search must be >= 0")
+    refine_stages, search_stages = stage_list(args.refine_stages, "--refine-stages"), stage_list(
+        args.search_stages, "--search-stages")
     if not args.data.is_dir():
         print(f"skipped: {args.data} is absent (LibriSpeech test-other is ../shared/data/librispeech/test-other)",
               file=sys.stderr)
@@ -346,19 +368,23 @@ def main() -> None:
     for name in speech.missing_packages():
         print(f"{name} not installed: no {speech.PACKAGES[name]} column ({speech.INSTALL_HINT})", file=sys.stderr)
     info, rows, firsts = vqtok_rows(args.model, clips, args.device)
-    refine_stages = [n for n in refine_stages if 1 <= n <= info["stages"]]
-    if args.refine:
-        _, refined, refined_firsts = vqtok_rows(args.model, clips, args.device, args.refine, refine_stages)
-        rows, firsts = rows + refined, firsts + refined_firsts
+    # The chosen-code rows, at the stage counts the model has: refined, then searched.
+    chosen_codes = [(how, [n for n in counts if 1 <= n <= info["stages"]])
+            for how, counts, wanted in ((Refinement(args.refine), refine_stages, args.refine > 0),
+                                        (Refinement(args.refine, args.search), search_stages, args.search > 0))
+            if wanted]
+    for how, counts in chosen_codes:
+        _, chosen, chosen_firsts = vqtok_rows(args.model, clips, args.device, how, counts)
+        rows, firsts = rows + chosen, firsts + chosen_firsts
     with tempfile.TemporaryDirectory() as work:
         more, more_firsts = codec_rows(clips, Path(work))
     rows, firsts = rows + more, firsts + more_firsts
     title = f"{args.data.name}: {len(clips)} clips, {seconds:.0f} s, scored at 16 kHz"
     print_table(rows, title)
-    other = generalisation_rows(args.model, args.other, rows, args.device, args.refine, refine_stages)
+    other = generalisation_rows(args.model, args.other, rows, args.device, chosen_codes)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
-              "refine": args.refine,
+              "refine": args.refine, "search": args.search,
               "packages": {name: _version(name) for name in speech.PACKAGES},
               "tools": {tool: shutil.which(tool) for tools, _ in TOOLS.values() for tool in tools}, "rows": rows,
               "other": other, "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}

@@ -20,8 +20,10 @@ from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import AudioTask, segment_samples
-from vqtok.training.audioloss import compressed_spectrum_error, mel_sizes, reconstruction_loss, spectral_scales
+from vqtok.training.audioloss import (SPECTRAL_FLOOR, compressed_spectrum_error, log_mel_l1, log_mel_l1_per_frame,
+                                      mel_sizes, reconstruction_loss, spectral_scales)
 from vqtok.jobs import refine
+from vqtok.jobs.refine import Refinement
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, WaveSignal, decoded_signal, encode_signal,
                                     model_signal, resampled_length, write_signal)
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
@@ -569,7 +571,7 @@ def test_refining_lowers_the_loss_of_what_the_codes_decode_to(long_stereo: Path,
     model = seeded(wave, audio_net)
     signal = WaveSignal(wave, RATE)
     plain = encode_signal(model, signal)
-    refined = encode_signal(model, signal, refine=20)
+    refined = encode_signal(model, signal, refine=Refinement(20))
     assert refined.shape == plain.shape and bool((refined != plain).any())
     assert recon_loss(model, refined, wave) < recon_loss(model, plain, wave)
     assert model.training is False and all(p.grad is None for p in model.parameters())
@@ -581,22 +583,69 @@ def test_refining_no_steps_is_a_plain_encode_and_windows_tile_the_signal(long_st
     model = seeded(wave, "stft")
     signal = WaveSignal(wave, RATE)
     plain = encode_signal(model, signal)
-    assert float((encode_signal(model, signal, refine=0) == plain).float().mean()) == 1.0
+    assert float((encode_signal(model, signal, refine=Refinement()) == plain).float().mean()) == 1.0
     monkeypatch.setattr(refine, "WINDOW_FRAMES", 40)  # 151 frames: four windows, the last one short
-    unrefined = refine.refined_codes(model, signal, 0)[:, 0]
+    unrefined = refine.refined_codes(model, signal, Refinement())[:, 0]
     assert unrefined.shape == plain.shape and float((unrefined == plain).float().mean()) >= 0.999
-    refined = encode_signal(model, signal, refine=5)
+    refined = encode_signal(model, signal, refine=Refinement(5))
     assert refined.shape == plain.shape
     assert recon_loss(model, refined, wave) < recon_loss(model, plain, wave)
+
+
+def test_log_mel_error_per_frame_sums_to_the_mean_and_stays_local(long_stereo: Path) -> None:
+    target = data.load_audio(long_stereo, RATE)[:1, :RATE][None]  # (1, 1, T)
+    hop = 320
+    noisy = target + 0.05 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    per_frame = log_mel_l1_per_frame(noisy, target, RATE, hop)
+    assert per_frame.shape == (1, RATE // hop) and bool((per_frame > 0).all())
+    whole = log_mel_l1(noisy, target, RATE, spectral_scales(RATE), SPECTRAL_FLOOR)
+    assert float(per_frame.mean()) == pytest.approx(float(whole), rel=0.05)
+    # Spoil frames 20-21 only: the error grows there and stays put a window (2048 samples) away from them.
+    spoiled = noisy.clone()
+    spoiled[..., 20 * hop:22 * hop] = 0.0
+    both = log_mel_l1_per_frame(torch.cat([noisy, spoiled]), target, RATE, hop)
+    grown = both[1] - both[0]
+    assert float(grown[20:22].min()) > 0.1 * float(both[0, 20:22].mean())
+    far = [f for f in range(len(grown)) if abs(f - 21) > 2048 // hop + 2]
+    assert float(grown[far].abs().max()) < 1e-5
+
+
+def test_code_search_lowers_the_log_mel_error_and_one_candidate_is_a_plain_encode(long_stereo: Path) -> None:
+    wave = data.load_audio(long_stereo, RATE)[:1, :2 * RATE]
+    model = seeded(wave, "stft")
+    signal = WaveSignal(wave, RATE)
+
+    def error(codes: torch.Tensor) -> float:
+        with torch.no_grad():
+            recon = model.decode(codes[None])[:, :, :wave.shape[1]]
+        return float(log_mel_l1(recon, wave[None], RATE, spectral_scales(RATE), SPECTRAL_FLOOR))
+
+    plain = encode_signal(model, signal)
+    assert float((encode_signal(model, signal, refine=Refinement(search=1)) == plain).float().mean()) >= 0.999
+    searched = encode_signal(model, signal, refine=Refinement(search=4))
+    assert searched.shape == plain.shape and bool((searched != plain).any())
+    assert error(searched) < error(plain)
+    # Each stage's code is one of the 4 nearest to what the earlier stages left (as searched) of the latent.
+    with torch.no_grad():
+        z = model._to_vectors(model.encoder(torch.nn.functional.pad(wave, (0, -wave.shape[1] % 320))[None]))
+        residual = model.quantizer.quantizers[0].prepare_input(z)
+        for stage, vq in enumerate(model.quantizer.quantizers):
+            book = vq.codes()
+            kept = (residual - book[searched[stage]]).norm(dim=1, keepdim=True)
+            rank = (torch.cdist(residual, book) < kept - 1e-5).sum(1)  # codes nearer than the one kept
+            assert int(rank.max()) < 4
+            residual = residual - book[searched[stage]]
+    assert model.training is False and all(p.grad is None for p in model.parameters())
 
 
 def test_refined_codes_repeat_and_ignore_the_chunk_length(long_stereo: Path) -> None:
     file, signal = model_signal(long_stereo, RATE)
     model = seeded(data.load_audio(long_stereo, RATE)[:, :RATE], "stft")
     with file:
-        first = encode_signal(model, signal, refine=2, chunk_seconds=0.7)
-        again = encode_signal(model, signal, refine=2, chunk_seconds=30.0)
-    assert torch.equal(first, again)
+        for how in (Refinement(2), Refinement(1, search=3)):
+            first = encode_signal(model, signal, refine=how, chunk_seconds=0.7)
+            again = encode_signal(model, signal, refine=how, chunk_seconds=30.0)
+            assert torch.equal(first, again)
 
 
 def test_encode_and_eval_refine_from_the_command_line(trained: Path, clips: Path, sample_images: Path,
@@ -605,7 +654,10 @@ def test_encode_and_eval_refine_from_the_command_line(trained: Path, clips: Path
     result = invoke("encode", model, clips / "nested", "--out", tmp_path / "tokens", "--refine", "2", "--json")
     assert result.exit_code == 0, result.output
     token_file = tmp_path / "tokens" / "stereo.wav.vqt"
-    assert read_header(token_file)["refine"] == 2
+    assert read_header(token_file)["refine"] == 2 and "search" not in read_header(token_file)
+    searched = invoke("encode", model, clips / "nested", "--out", tmp_path / "searched", "--search", "2")
+    assert searched.exit_code == 0, searched.output
+    assert read_header(tmp_path / "searched" / "stereo.wav.vqt")["search"] == 2
     assert invoke("decode", model, tmp_path / "tokens", "--out", tmp_path / "wav").exit_code == 0
     assert sf.info(tmp_path / "wav" / "stereo.wav").frames == 44100 * 2 + 37
     # eval --refine measures the token files encode --refine writes, header included.
@@ -616,8 +668,9 @@ def test_encode_and_eval_refine_from_the_command_line(trained: Path, clips: Path
         token_file.stat().st_size)
     for command in ("encode", "eval"):
         out = ["--out", tmp_path / "x"] if command == "encode" else []
-        negative = invoke(command, model, clips, *out, "--refine", "-1")
-        assert negative.exit_code == 1 and "--refine must be >= 0" in negative.output
-        images = invoke(command, "mnist", sample_images, *out, "--refine", "3")
-        assert images.exit_code == 1 and "--refine is for audio models; mnist is an image model" in images.output
+        for flag in ("--refine", "--search"):
+            negative = invoke(command, model, clips, *out, flag, "-1")
+            assert negative.exit_code == 1 and f"{flag} must be >= 0, got -1" in negative.output
+            images = invoke(command, "mnist", sample_images, *out, flag, "3")
+            assert images.exit_code == 1 and f"{flag} is for audio models; mnist is an image model" in images.output
     assert not (tmp_path / "x").exists()

@@ -220,10 +220,11 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     with pytest.raises(SystemExit, match="--refine-stages must be comma-separated"):
         monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "two"])
         bench.main()
-    monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5"])
+    monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5", "--search", "3",
+                                      "--search-stages", "1,9"])
     bench.main()
     result = json.loads((out / "speech.json").read_text())
-    assert result["clips"] == ["digit.wav", "sub/talk.flac"] and result["refine"] == 2
+    assert result["clips"] == ["digit.wav", "sub/talk.flac"] and result["refine"] == 2 and result["search"] == 3
     vqtok = [r for r in result["rows"] if r["codec"] == "vqtok"]
     assert [r["stages"] for r in vqtok] == [1, 2]
     assert all(r["kbps_entropy"] <= r["kbps"] and math.isfinite(r["si_snr_db"]) for r in vqtok)
@@ -231,6 +232,8 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     (refined,) = [r for r in result["rows"] if r["codec"] == "vqtok refined"]
     assert refined["stages"] == 2 and refined["setting"] == "2 stages, 2 steps"
     assert refined["kbps"] > vqtok[1]["kbps"]
+    (searched,) = [r for r in result["rows"] if r["codec"] == "vqtok searched"]
+    assert searched["stages"] == 1 and searched["setting"] == "1 stage, 2 steps, 3 candidates"
     codecs = {r["codec"] for r in result["rows"]}
     assert ("Opus" in codecs) == (shutil.which("opusenc") is not None and shutil.which("opusdec") is not None)
     assert ("Codec 2" in codecs) == (shutil.which("c2enc") is not None and shutil.which("c2dec") is not None)
@@ -242,7 +245,7 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     assert "PESQ-wb" in capsys.readouterr().out
     other = result["other"]  # the shipped 24 kHz sample of another corpus, resampled by vqtok
     assert other["rates"] == [24000] and [(r["codec"], r["stages"]) for r in other["rows"]] == [
-        ("vqtok", 1), ("vqtok", 2), ("vqtok refined", 2)]
+        ("vqtok", 1), ("vqtok", 2), ("vqtok refined", 2), ("vqtok searched", 1)]
     if "pesq" not in speech.missing_packages():
         assert all(math.isfinite(r["pesq_drop"]) for r in other["rows"])
 

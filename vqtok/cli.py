@@ -148,6 +148,7 @@ def _progress() -> Progress:
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout instead of tables.")]
 RefineOpt = Annotated[int, typer.Option(help="Audio: refine the codes N steps by analysis by synthesis (choose them for what the decoder makes of them): better sound at the same bitrate, slower encoding (shipped speech model, 50 steps: about a second per second of audio on two CPU cores) (0: plain nearest-code encode).")]
+SearchOpt = Annotated[int, typer.Option(help="Audio: choose each stage's codes among its K nearest by how the decoded sound matches the input, frame by frame (a codebook search, as CELP speech codecs do; after --refine when both are given): better sound at the same bitrate, slow (shipped speech model, 32: about SEARCH_COST seconds per second of audio and stage on two CPU cores) (0: no search).")]
 
 
 @app.command()
@@ -301,6 +302,7 @@ def encode(
     num_workers: Annotated[Optional[int], typer.Option(help="Worker processes; on a CPU each reads, encodes and writes its share of the files (audio: a file at a time), on a GPU they decode images while the model runs; 0: all in the main process (default: on a CPU one per core, up to 16; else half the cores, 1 to 8).")] = None,
     part: Annotated[Optional[str], typer.Option(help="Encode only part I of N of the file list (e.g. 2/3: the second of three contiguous slices), to share a data set among machines; under torchrun each process takes its share automatically. A part's shard is OUT/shard-0000I-of-0000N.*.")] = None,
     refine: RefineOpt = 0,
+    search: SearchOpt = 0,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -308,13 +310,14 @@ def encode(
     files (or part shards) already written are skipped."""
     from vqtok.jobs.encoding import parse_part
     from vqtok.jobs.pipeline import encode_files
+    from vqtok.jobs.refine import Refinement
 
     with _user_errors(), _file_progress("encoding") as on_file:
         report = encode_files(model, inputs, out, force=force, batch_size=batch_size, device=device,
                               codec=codec.value, stages=stages, shard=shard, channels=channels.value,
                               chunk_seconds=chunk_seconds, num_workers=num_workers,
-                              part=parse_part(part) if part is not None else None, refine=refine,
-                              on_file=on_file)
+                              part=parse_part(part) if part is not None else None,
+                              refine=Refinement(refine, search), on_file=on_file)
     _finish_run(report, "encoded", json_out)
 
 
@@ -429,6 +432,7 @@ def evaluate(
     stages: Annotated[Optional[int], typer.Option(help="Score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the first file(s): reconstructions (images) or log-mel spectrograms (audio).")] = None,
     refine: RefineOpt = 0,
+    search: SearchOpt = 0,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -436,11 +440,12 @@ def evaluate(
     `pip install vqtok[speech]`, PESQ wide-band and STOI for audio) and codebook figures of a model over a folder,
     with the rate of the codes alone (bits_per_pixel, kbps) and of the token files `vqtok encode` would write
     (bpp_packed_file and bpp_entropy_file for images, kbps_packed_file and kbps_entropy_file for audio)."""
+    from vqtok.jobs.refine import Refinement
     from vqtok.jobs.report import evaluate_model
 
     with _user_errors():
         result = evaluate_model(model, data, device=device, batch_size=batch_size, stages=stages, plot=plot,
-                                refine=refine)
+                                refine=Refinement(refine, search))
     for note in result.notes:
         err.print(note, markup=False, soft_wrap=True)
     _report_failures(result.failed)

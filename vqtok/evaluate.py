@@ -13,7 +13,7 @@ import torch
 from vqtok.data import io as data
 from vqtok import speech, stats
 from vqtok.jobs.audiostream import WaveSignal
-from vqtok.jobs.refine import refined_codes
+from vqtok.jobs.refine import Refinement, refined_codes
 from vqtok.tokens import tokfile
 from vqtok.tokens.tokfile import CodeTable
 from vqtok.nets.tokenizer import Tokenizer, TokenizerOutput
@@ -147,12 +147,12 @@ class AudioEvaluator:
     memory, over the file's duration: `kbps_packed_file` and, when a model code `table` (S, K) is given,
     `kbps_entropy_file` (see TokenFileSizes). With `score_speech`, each file is also scored at 16 kHz with PESQ
     wide-band (`pesq_wb`, over the files PESQ accepts; `pesq_skipped` counts the others) and STOI (`stoi`),
-    each when its package is installed (vqtok.speech). `refine` > 0: the codes are refined that many steps, as
-    `vqtok encode --refine` refines them (vqtok.jobs.refine).
+    each when its package is installed (vqtok.speech). A true `refine`: the codes are chosen as `vqtok encode
+    --refine / --search` chooses them (vqtok.jobs.refine).
     """
 
     def __init__(self, model: Tokenizer, stages: int | None = None, table: CodeTable | None = None,
-                 score_speech: bool = False, refine: int = 0):
+                 score_speech: bool = False, refine: Refinement = Refinement()):
         q = model.config.quantizer
         self.model = model
         self.refine = refine

@@ -26,7 +26,7 @@ from vqtok.data import io as data
 from vqtok.atomic import atomic_path
 from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.errors import VqtokError
-from vqtok.jobs.refine import refined_codes
+from vqtok.jobs.refine import Refinement, refined_codes
 from vqtok.nets.tokenizer import Tokenizer
 
 # Default chunk length in seconds for encoding, decoding and writing.
@@ -198,12 +198,12 @@ def _chunk(model: Tokenizer, seconds: float) -> int:
 
 @torch.no_grad()
 def encode_signal(model: Tokenizer, signal: Signal, stages: int | None = None,
-                  chunk_seconds: float = CHUNK_SECONDS, refine: int = 0) -> torch.Tensor:
+                  chunk_seconds: float = CHUNK_SECONDS, refine: Refinement = Refinement()) -> torch.Tensor:
     """Codes of a signal at the model's rate: (S, ceil(length / hop)) for one channel, (S, C, frames) for C > 1.
 
     The signal is zero padded to a whole number of hops, as a whole-file encode pads it. Each chunk is encoded
     with `encoder_context` samples of real neighbouring audio on each side (clipped at the file's edges), and
-    only its own frames are kept. `refine` > 0: the codes are refined that many steps by analysis by synthesis
+    only its own frames are kept. A true `refine`: the codes are chosen by analysis by synthesis
     (vqtok.jobs.refine), in its own fixed windows instead of chunks.
     """
     if refine:

@@ -27,6 +27,7 @@ from vqtok.data.readers import (FORKED_WORKERS, BatchItems, ImageFiles, availabl
                                 default_workers, file_batches, shape_batches, worker_jobs)
 from vqtok.device import pick_device
 from vqtok.jobs.audiostream import CHUNK_SECONDS, decoded_signal, encode_signal, model_signal, resampled_length, write_signal
+from vqtok.jobs.refine import Refinement
 from vqtok.jobs.encoding import (OrderedWriter, Part, SharedOrAlone, check_shard_split, forward_threads,
                                  one_intra_op_thread, parallel_map, process_part, rank_device, shard_name, take_part)
 from vqtok.jobs.tiles import checked_image_size, decode_tiled, encode_tiled, needs_tiles
@@ -116,7 +117,7 @@ def encode_files(
     chunk_seconds: float | None = None,
     num_workers: int | None = None,
     part: Part | None = None,
-    refine: int = 0,
+    refine: Refinement = Refinement(),
     on_file: FileCallback | None = None,
 ) -> RunReport:
     """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
@@ -138,14 +139,14 @@ def encode_files(
     vqtok.tokens.shards), `out/shard.*` or, for part I of N, `out/shard-0000I-of-0000N.*`, in file order;
     items keep their relative name and header fields as metadata. A complete part shard is kept (a rerun
     redoes only the parts that did not finish); a whole run's complete shard is an error unless `force`.
-    `refine` > 0 (audio only): refine each file's codes that many steps by analysis by synthesis
-    (vqtok.jobs.refine); slower, same bitrate, better sound.
+    A true `refine` (audio only): choose each file's codes by analysis by synthesis (vqtok.jobs.refine);
+    slower, same bitrate, better sound.
     """
     begin = time.perf_counter()
     dev = rank_device(pick_device(device))
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     _check_encode_options(channels, chunk_seconds, batch_size, num_workers)
-    check_refine(refine, modality, model_path)
+    refine.check(modality, model_path)
     part = process_part(part)
     report = RunReport()
     notify = on_file or (lambda _p, _o: None)
@@ -212,14 +213,6 @@ class _Results:
     def failed(self, index: int, reason: str) -> None:
         self.report.failed.append((str(self.todo[index]), reason))
         self.notify(self.todo[index], "failed")
-
-
-def check_refine(refine: int, modality: str, model_path: Path) -> None:
-    """Refinement steps must be >= 0, and > 0 only for an audio model."""
-    if refine < 0:
-        raise VqtokError(f"--refine must be >= 0, got {refine}")
-    if refine and modality != "audio":
-        raise VqtokError(f"--refine is for audio models; {model_path} is an {modality} model")
 
 
 def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size: int,
@@ -452,8 +445,8 @@ def encode_job_files(files: int, batch_size: int, workers: int) -> int:
 
 def encode_audio_files(model: Tokenizer, paths: Sequence[Path], writer: OrderedWriter, stages: int | None,
                        mono: bool, chunk_seconds: float, workers: int = 0, store: StoreFile | None = None,
-                       refine: int = 0) -> None:
-    """Encode audio files (each in chunks, see `encode_audio`; refined `refine` steps), handing each file's codes
+                       refine: Refinement = Refinement()) -> None:
+    """Encode audio files (each in chunks, see `encode_audio`; codes chosen as `refine` says), handing each file's codes
     to `writer` with its index into `paths`.
 
     On a CPU with `workers` > 0 and more than one file (on Linux, see FORKED_WORKERS), each worker process reads,
@@ -478,7 +471,7 @@ class AudioEncodeJob:
     numpy, or with `store` what it wrote, or the reason it could not be read)."""
 
     def __init__(self, model: Tokenizer, paths: Sequence[Path], stages: int | None, mono: bool,
-                 chunk_seconds: float, store: StoreFile | None = None, refine: int = 0) -> None:
+                 chunk_seconds: float, store: StoreFile | None = None, refine: Refinement = Refinement()) -> None:
         self.model, self.paths, self.stages, self.mono = model, paths, stages, mono
         self.chunk_seconds, self.store, self.refine = chunk_seconds, store, refine
 
@@ -494,11 +487,11 @@ class AudioEncodeJob:
 
 
 def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
-                 chunk_seconds: float = CHUNK_SECONDS, refine: int = 0) -> tuple[torch.Tensor, dict]:
+                 chunk_seconds: float = CHUNK_SECONDS, refine: Refinement = Refinement()) -> tuple[torch.Tensor, dict]:
     """Codes of one audio file, (S, frames) mono or (S, C, frames), and the header fields decode needs:
     sample_rate (the model's), original_sample_rate, original_length (samples at the original rate),
-    channels (in the file), channel_mode ("mono": mixed down, "keep": one code row per channel), and with
-    `refine` > 0 "refine", the steps (see vqtok.jobs.refine)."""
+    channels (in the file), channel_mode ("mono": mixed down, "keep": one code row per channel), and `refine`'s
+    fields (`Refinement.header_fields`)."""
     rate = model.config.sample_rate
     source, signal = model_signal(path, rate, mono)
     with source:
@@ -506,14 +499,15 @@ def encode_audio(model: Tokenizer, path: Path, stages: int | None, mono: bool,
     return codes, audio_header(rate, (source.rate, source.length, source.file_channels), mono, refine)
 
 
-def audio_header(sample_rate: int, info: tuple[int, int, int], mono: bool, refine: int = 0) -> dict:
+def audio_header(sample_rate: int, info: tuple[int, int, int], mono: bool,
+                 refine: Refinement = Refinement()) -> dict:
     """The header fields decode needs for a file encoded at `sample_rate` (the model's), from its `info`
     (rate in Hz, frames, channels; `data.audio_info`): sample_rate, original_sample_rate, original_length,
-    channels, channel_mode; and "refine", the refinement steps, when there were any."""
+    channels, channel_mode; and how the codes were chosen (`Refinement.header_fields`: "refine", "search")."""
     rate, frames, channels = info
     header = {"sample_rate": sample_rate, "original_sample_rate": rate, "original_length": frames,
               "channels": channels, "channel_mode": "mono" if mono else "keep"}
-    return {**header, "refine": refine} if refine else header
+    return {**header, **refine.header_fields()}
 
 
 def image_batches(

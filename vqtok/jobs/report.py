@@ -24,8 +24,9 @@ from vqtok.errors import TokenFileError, VqtokError
 from vqtok.evaluate import AudioEvaluator, ImageEvaluator
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens.tokfile import CodeTable
-from vqtok.jobs.pipeline import (audio_header, check_refine, code_table, find_token_files, image_batches,
+from vqtok.jobs.pipeline import (audio_header, code_table, find_token_files, image_batches,
                                  load_for_inputs, read_tokens_for_model)
+from vqtok.jobs.refine import Refinement
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
@@ -121,7 +122,7 @@ class EvalReport:
 
 def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto", batch_size: int = 32,
                    stages: int | None = None, plot: Path | None = None, score_speech: bool = True,
-                   refine: int = 0) -> EvalReport:
+                   refine: Refinement = Refinement()) -> EvalReport:
     """Images: PSNR / SSIM / MS-SSIM / MSE per image at its original size, usage, perplexity, quantization
     error, bits per pixel of the codes and of the token files `vqtok encode` would write with either codec
     (see ImageEvaluator). Audio: SI-SNR and log-mel distance per file (at the model's rate), PESQ wide-band
@@ -129,11 +130,11 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
     codec, usage and perplexity per stage (see AudioEvaluator). Both score the first `stages` residual stages
     only when given (a lower bitrate).
     `plot`: a PNG of the first file(s): inputs above reconstructions (images) or the two log-mel spectrograms
-    (audio). `score_speech=False` leaves PESQ and STOI out (for callers that only count codes). `refine` > 0
-    (audio): score codes refined as `vqtok encode --refine` refines them."""
+    (audio). `score_speech=False` leaves PESQ and STOI out (for callers that only count codes). A true `refine`
+    (audio): score codes chosen as `vqtok encode --refine / --search` chooses them."""
     dev = pick_device(device)
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
-    check_refine(refine, modality, model_path)
+    refine.check(modality, model_path)
     failed: list[tuple[str, str]] = []
     if modality == "audio":
         return _evaluate_audio(model, paths, inputs, dev, stages, plot, failed, score_speech, refine)
@@ -164,7 +165,7 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
 
 def _evaluate_audio(model: Tokenizer, paths: list[Path], inputs: Sequence[Path], dev: torch.device,
                     stages: int | None, plot: Path | None, failed: list[tuple[str, str]],
-                    score_speech: bool, refine: int) -> EvalReport:
+                    score_speech: bool, refine: Refinement) -> EvalReport:
     """Each file whole, mono at the model's rate (see AudioEvaluator); its token file sizes are measured with
     the header `vqtok encode` would write for it (mono)."""
     evaluator = AudioEvaluator(model, stages, code_table(model), score_speech, refine)

@@ -87,6 +87,24 @@ def log_mel_l1(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, scal
     return total / len(scales)
 
 
+def log_mel_l1_per_frame(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, hop: int) -> torch.Tensor:
+    """The "spectral" loss's log-mel L1 (`spectral_scales`, SPECTRAL_FLOOR) located in time: (B, 1, T) outputs
+    against one (1, 1, T) target -> (B, T // hop), the error of the spectrogram columns centred in each span of
+    `hop` samples (a code frame), each scale weighted as in the mean `log_mel_l1` takes. For comparing
+    candidate outputs frame by frame (vqtok.jobs.refine's code search)."""
+    frames = recon.shape[-1] // hop
+    out = recon.new_zeros(recon.shape[0], frames)
+    scales = spectral_scales(sample_rate)
+    for n_fft, n_mels in scales:
+        mel = _mel(sample_rate, n_fft, n_mels, recon.device)
+        t = torch.log10(mel(target.flatten(1)) + SPECTRAL_FLOOR)
+        error = (torch.log10(mel(recon.flatten(1)) + SPECTRAL_FLOOR) - t).abs().mean(1)  # (B, columns)
+        column = torch.arange(error.shape[1], device=recon.device) * (n_fft // 4)  # centre sample of each column
+        weight = (n_fft // 4) / hop / len(scales)  # columns per frame differ between scales
+        out.index_add_(1, (column // hop).clamp(max=frames - 1), error * weight)
+    return out
+
+
 def complex_window(sample_rate: int) -> int:
     """The "complex" loss's STFT window: 1024 samples at 16 kHz, scaled with the rate to a power of two."""
     return 2 ** max(6, round(math.log2(COMPLEX_WINDOW * sample_rate / 16000)))
