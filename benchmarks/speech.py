@@ -16,7 +16,7 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
   at 50 steps on two CPU cores.
 - vqtok searched ("vqtok searched"), for the stage counts of --search-stages: refined as above, then each
   stage's codes chosen among its --search nearest by the decoded output's log-mel error, as `vqtok encode
-  --refine N --search K` writes them; --search 0 leaves these rows out. About SEARCH_COST s per second of audio
+  --refine N --search K` writes them; --search 0 leaves these rows out. About 4 s per second of audio
   and stage at 32 candidates on two CPU cores.
 - Opus: `opusenc --hard-cbr --framesize 20 --bitrate B` (B = OPUS_KBPS) on a 16-bit 16 kHz WAV, then
   `opusdec --rate 16000`; the rate counts the whole .opus file, Ogg pages and OpusHead / OpusTags included.
