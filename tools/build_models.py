@@ -168,8 +168,9 @@ RECIPES: dict[str, Recipe] = {
                      "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
                      "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
                      "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
-                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps "
-                     "(benchmarks/speech.py puts it beside Opus and Codec 2).",
+                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps; "
+                     "at 1-2 stages `--refine 50 --search 32` also searches the codebooks (about 4 s per second "
+                     "of audio and stage) (benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
                   "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",
@@ -180,8 +181,9 @@ RECIPES: dict[str, Recipe] = {
                "encoding scores PESQ 1.22-1.57: from 3 stages (1.6 kbps) above every Codec 2 mode (1.20-1.51 at "
                "0.45-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.60 at 2 stages (1.1 kbps, "
                "above every Codec 2 mode), 1.84 at 4 (2.1 kbps), 1.88 at 8, and STOI 0.881-0.887 from 4 stages "
-               "against Opus's 0.857. One stage (0.6 kbps) is rough either way (PESQ 1.22-1.27: above Codec 2 "
-               "450, below 700C and 1200) (benchmarks/README.md, Speech).",
+               "against Opus's 0.857. One stage (0.6 kbps) is rough: PESQ 1.22 plain, 1.27 refined (below Codec 2 "
+               "700C), 1.39 / STOI 0.811 with `--refine 50 --search 32` (above Codec 2 1200, below its 1400-3200 "
+               "modes in PESQ); 2 stages searched: 1.70 / 0.864 (benchmarks/README.md, Speech).",
     ),
 }
 
