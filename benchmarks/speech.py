@@ -369,10 +369,12 @@ def main() -> None:
         print(f"{name} not installed: no {speech.PACKAGES[name]} column ({speech.INSTALL_HINT})", file=sys.stderr)
     info, rows, firsts = vqtok_rows(args.model, clips, args.device)
     # The chosen-code rows, at the stage counts the model has: refined, then searched.
-    chosen_codes = [(how, [n for n in counts if 1 <= n <= info["stages"]])
-            for how, counts, wanted in ((Refinement(args.refine), refine_stages, args.refine > 0),
-                                        (Refinement(args.refine, args.search), search_stages, args.search > 0))
-            if wanted]
+    chosen_codes = []
+    if args.refine:
+        chosen_codes.append((Refinement(args.refine), refine_stages))
+    if args.search:
+        chosen_codes.append((Refinement(args.refine, args.search), search_stages))
+    chosen_codes = [(how, [n for n in counts if 1 <= n <= info["stages"]]) for how, counts in chosen_codes]
     for how, counts in chosen_codes:
         _, chosen, chosen_firsts = vqtok_rows(args.model, clips, args.device, how, counts)
         rows, firsts = rows + chosen, firsts + chosen_firsts

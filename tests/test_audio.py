@@ -20,7 +20,7 @@ from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import AudioTask, segment_samples
-from vqtok.training.audioloss import (SPECTRAL_FLOOR, compressed_spectrum_error, log_mel_l1, log_mel_l1_per_frame,
+from vqtok.training.audioloss import (SPECTRAL_FLOOR, FrameLogMelError, compressed_spectrum_error, log_mel_l1,
                                       mel_sizes, reconstruction_loss, spectral_scales)
 from vqtok.jobs import refine
 from vqtok.jobs.refine import Refinement
@@ -596,14 +596,14 @@ def test_log_mel_error_per_frame_sums_to_the_mean_and_stays_local(long_stereo: P
     target = data.load_audio(long_stereo, RATE)[:1, :RATE][None]  # (1, 1, T)
     hop = 320
     noisy = target + 0.05 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
-    per_frame = log_mel_l1_per_frame(noisy, target, RATE, hop)
+    per_frame = FrameLogMelError(target, RATE, hop)(noisy)
     assert per_frame.shape == (1, RATE // hop) and bool((per_frame > 0).all())
     whole = log_mel_l1(noisy, target, RATE, spectral_scales(RATE), SPECTRAL_FLOOR)
     assert float(per_frame.mean()) == pytest.approx(float(whole), rel=0.05)
     # Spoil frames 20-21 only: the error grows there and stays put a window (2048 samples) away from them.
     spoiled = noisy.clone()
     spoiled[..., 20 * hop:22 * hop] = 0.0
-    both = log_mel_l1_per_frame(torch.cat([noisy, spoiled]), target, RATE, hop)
+    both = FrameLogMelError(target, RATE, hop)(torch.cat([noisy, spoiled]))
     grown = both[1] - both[0]
     assert float(grown[20:22].min()) > 0.1 * float(both[0, 20:22].mean())
     far = [f for f in range(len(grown)) if abs(f - 21) > 2048 // hop + 2]

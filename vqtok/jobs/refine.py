@@ -36,7 +36,7 @@ import torch
 from vqtok.errors import VqtokError
 from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.training.audioloss import log_mel_l1_per_frame, reconstruction_loss
+from vqtok.training.audioloss import FrameLogMelError, reconstruction_loss
 
 if TYPE_CHECKING:
     from vqtok.jobs.audiostream import Signal
@@ -117,7 +117,7 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
 
     Stage by stage: a frame's candidates are the `candidates` codes nearest to what the earlier (already
     chosen) stages left of z; starting from the nearest, each frame in turn keeps the candidate whose decoded
-    output, through this stage, has the least log-mel error (`log_mel_l1_per_frame`) summed over the frames
+    output, through this stage, has the least log-mel error (`FrameLogMelError`) summed over the frames
     within SEARCH_REACH of it. Frames 2 * SEARCH_REACH + 1 apart change together, each in its own batch row.
     """
     hop, rate = model.hop, model.config.sample_rate
@@ -126,6 +126,7 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
     reach = torch.ones(1, 1, width, device=z.device)
     per_channel = []
     for zc, xc in zip(z.split(1), target.split(1)):
+        frame_error = FrameLogMelError(xc, rate, hop)
         residual = model.quantizer.quantizers[0].prepare_input(model._to_vectors(zc).float())  # (f, D)
         frames = residual.shape[0]
         chosen: list[torch.Tensor] = []
@@ -146,7 +147,7 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
                         batch = base.expand(len(rows), -1, -1).clone()
                         batch[:, -1, moved] = rows
                         decoded = model.decode(batch)
-                        errors.append(log_mel_l1_per_frame(decoded, xc, rate, hop))
+                        errors.append(frame_error(decoded))
                     error = torch.nn.functional.conv1d(torch.cat(errors).unsqueeze(1), reach,
                                                        padding=SEARCH_REACH)[:, 0, moved]  # (1 + K, n)
                     current[moved] = trials.gather(0, error.argmin(0, keepdim=True))[0]

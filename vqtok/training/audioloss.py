@@ -87,22 +87,27 @@ def log_mel_l1(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, scal
     return total / len(scales)
 
 
-def log_mel_l1_per_frame(recon: torch.Tensor, target: torch.Tensor, sample_rate: int, hop: int) -> torch.Tensor:
-    """The "spectral" loss's log-mel L1 (`spectral_scales`, SPECTRAL_FLOOR) located in time: (B, 1, T) outputs
-    against one (1, 1, T) target -> (B, T // hop), the error of the spectrogram columns centred in each span of
-    `hop` samples (a code frame), each scale weighted as in the mean `log_mel_l1` takes. For comparing
-    candidate outputs frame by frame (vqtok.jobs.refine's code search)."""
-    frames = recon.shape[-1] // hop
-    out = recon.new_zeros(recon.shape[0], frames)
-    scales = spectral_scales(sample_rate)
-    for n_fft, n_mels in scales:
-        mel = _mel(sample_rate, n_fft, n_mels, recon.device)
-        t = torch.log10(mel(target.flatten(1)) + SPECTRAL_FLOOR)
-        error = (torch.log10(mel(recon.flatten(1)) + SPECTRAL_FLOOR) - t).abs().mean(1)  # (B, columns)
-        column = torch.arange(error.shape[1], device=recon.device) * (n_fft // 4)  # centre sample of each column
-        weight = (n_fft // 4) / hop / len(scales)  # columns per frame differ between scales
-        out.index_add_(1, (column // hop).clamp(max=frames - 1), error * weight)
-    return out
+class FrameLogMelError:
+    """The "spectral" loss's log-mel L1 (`spectral_scales`, SPECTRAL_FLOOR) located in time, against one target
+    whose spectrograms are computed once: calling it on (B, 1, T) outputs gives (B, T // hop), the error of the
+    spectrogram columns centred in each span of `hop` samples (a code frame), each scale weighted as in the mean
+    `log_mel_l1` takes. For comparing many candidate outputs frame by frame (vqtok.jobs.refine's code search)."""
+
+    def __init__(self, target: torch.Tensor, sample_rate: int, hop: int) -> None:
+        """target: (1, 1, T) in [-1, 1] at `sample_rate`."""
+        self.frames, self.hop = target.shape[-1] // hop, hop
+        self.scales = [(_mel(sample_rate, n_fft, n_mels, target.device), n_fft)
+                       for n_fft, n_mels in spectral_scales(sample_rate)]
+        self.targets = [torch.log10(mel(target.flatten(1)) + SPECTRAL_FLOOR) for mel, _ in self.scales]
+
+    def __call__(self, recon: torch.Tensor) -> torch.Tensor:
+        out = recon.new_zeros(recon.shape[0], self.frames)
+        for (mel, n_fft), target in zip(self.scales, self.targets):
+            error = (torch.log10(mel(recon.flatten(1)) + SPECTRAL_FLOOR) - target).abs().mean(1)  # (B, columns)
+            column = torch.arange(error.shape[1], device=recon.device) * (n_fft // 4)  # centre sample of each
+            weight = (n_fft // 4) / self.hop / len(self.scales)  # columns per frame differ between scales
+            out.index_add_(1, (column // self.hop).clamp(max=self.frames - 1), error * weight)
+        return out
 
 
 def complex_window(sample_rate: int) -> int:
