@@ -18,6 +18,9 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
   stage's codes chosen among its --search nearest by the decoded output's log-mel error, as `vqtok encode
   --refine N --search K` writes them; --search 0 leaves these rows out. About 4 s per second of audio
   and stage at 32 candidates on two CPU cores.
+- postfiltered (", postfiltered" after each vqtok codec, unless --postfilter 0): every vqtok row's decode again,
+  through the decoder-side postfilter at strength --postfilter (vqtok.postfilter), as `vqtok decode
+  --postfilter S` writes it. The token files, and so the rates, are those of the row above it.
 - Opus: `opusenc --hard-cbr --framesize 20 --bitrate B` (B = OPUS_KBPS) on a 16-bit 16 kHz WAV, then
   `opusdec --rate 16000`; the rate counts the whole .opus file, Ogg pages and OpusHead / OpusTags included.
 - Codec 2: `c2enc MODE` (each of CODEC2_MODES, 450 to 3200 bit/s) on 16-bit 8 kHz raw samples (resampled from
@@ -64,9 +67,11 @@ from vqtok.data import io as data  # noqa: E402
 from vqtok.device import pick_device  # noqa: E402
 from vqtok.errors import VqtokError  # noqa: E402
 from vqtok.evaluate import AudioEvaluator  # noqa: E402
+from vqtok.jobs.audiostream import postfiltered  # noqa: E402
 from vqtok.jobs.pipeline import audio_header, code_table  # noqa: E402
 from vqtok.jobs.refine import Refinement  # noqa: E402
 from vqtok.modelfile import load  # noqa: E402
+from vqtok.postfilter import SPEECH_STRENGTH  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech" / "test-other"
 DEFAULT_OTHER = ROOT / "samples" / "heldout" / "speech-24k"
@@ -111,6 +116,9 @@ def parse_args() -> argparse.Namespace:
                    help="candidates a stage of the searched rows (after --refine steps); 0: none (default 32)")
     p.add_argument("--search-stages", default="1,2",
                    help="stage counts of the searched rows, comma-separated (default: %(default)s)")
+    p.add_argument("--postfilter", type=float, default=SPEECH_STRENGTH,
+                   help="strength of the postfiltered vqtok rows (as `vqtok decode --postfilter`); 0: none "
+                        "(default %(default)s)")
     p.add_argument("--device", default="auto", help="device for the model (auto, cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for speech.json and the two PNGs")
     return p.parse_args()
@@ -142,10 +150,12 @@ def mean_scores(scores: list[dict]) -> dict:
 
 
 def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: Refinement = Refinement(),
-               stage_counts: list[int] | None = None) -> tuple[dict, list[dict], list[torch.Tensor]]:
+               stage_counts: list[int] | None = None,
+               postfilter: float = 0.0) -> tuple[dict, list[dict], list[torch.Tensor]]:
     """The model's description, one row per stage count (`stage_counts`, default 1..S: file kbps packed and
     entropy-coded, nominal kbps, mean scores), and each row's decoded first clip at RATE. Codes chosen as
-    `refine` says; rows named by `row_codec`."""
+    `refine` says; rows named by `row_codec`. A non-zero `postfilter`: each row is followed by one scoring the
+    same decode through the postfilter at that strength, as `vqtok decode --postfilter` writes it."""
     dev = pick_device(device)
     model = load(model_path, dev)
     if model.config.modality != "audio":
@@ -161,15 +171,22 @@ def vqtok_rows(model_path: Path, clips: list[Clip], device: str, refine: Refinem
     rows, firsts = [], []
     for stages in stage_counts or range(1, q.stages + 1):
         evaluator = AudioEvaluator(model, stages, table, refine=refine)
-        decoded = [speech.at_speech_rate(evaluator.add(wave, fields), rate) for wave, fields in inputs]
-        scores = [speech.score(clip.wave, wave) for clip, wave in zip(clips, decoded)]
-        firsts.append(decoded[0])
+        decoded = [evaluator.add(wave, fields) for wave, fields in inputs]  # (1, T) each, at the model's rate
         result = evaluator.result()
         setting = (f"{stages} stage{'s' * (stages > 1)}" + (f", {refine.steps} steps" if refine.steps else "")
                    + (f", {refine.search} candidates" if refine.search else ""))
-        rows.append({"codec": row_codec(refine), "setting": setting, "stages": stages,
-                     "nominal_kbps": result["kbps"], "kbps": result["kbps_packed_file"],
-                     "kbps_entropy": result["kbps_entropy_file"], **mean_scores(scores)})
+        row = {"codec": row_codec(refine), "setting": setting, "stages": stages, "nominal_kbps": result["kbps"],
+               "kbps": result["kbps_packed_file"], "kbps_entropy": result["kbps_entropy_file"]}
+        versions = [(row, decoded)]
+        if postfilter:
+            versions.append(({**row, "codec": f"{row['codec']}, postfiltered",
+                              "setting": f"{setting}, postfilter {postfilter:g}"},
+                             [postfiltered(wave, rate, postfilter).clamp(-1.0, 1.0) for wave in decoded]))
+        for version, waves in versions:
+            waves = [speech.at_speech_rate(wave, rate) for wave in waves]
+            scores = [speech.score(clip.wave, wave) for clip, wave in zip(clips, waves)]
+            rows.append({**version, **mean_scores(scores)})
+            firsts.append(waves[0])
     return info, rows, firsts
 
 
@@ -258,7 +275,8 @@ def spectrograms(clip: Clip, rows: list[dict], firsts: list[torch.Tensor], path:
     stage count whose entropy-coded rate is nearest Opus's file rate (or PICTURE_KBPS). Returns what it shows."""
     opus = next((i for i, r in enumerate(rows) if r["codec"] == "Opus" and r["nominal_kbps"] == PICTURE_KBPS), None)
     target = PICTURE_KBPS if opus is None else rows[opus]["kbps"]
-    ours = "vqtok refined" if any(r["codec"] == "vqtok refined" for r in rows) else "vqtok"
+    ours = next(codec for codec in ("vqtok refined, postfiltered", "vqtok refined", "vqtok")
+                if codec == "vqtok" or any(r["codec"] == codec for r in rows))
     vq = min((i for i, r in enumerate(rows) if r["codec"] == ours),
              key=lambda i: abs(rows[i]["kbps_entropy"] - target))
     panels = [(f"original {clip.source}", clip.wave)]
@@ -272,13 +290,12 @@ def spectrograms(clip: Clip, rows: list[dict], firsts: list[torch.Tensor], path:
 
 
 def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
-    """PESQ and STOI against file kbps, one curve per codec (vqtok four times: packed, entropy-coded, refined
-    and searched, both entropy-coded; a curve with no rows is left out). Returns
-    False, drawing nothing, when neither score was measured."""
-    series = {"vqtok packed": ("vqtok", "kbps"), "vqtok entropy": ("vqtok", "kbps_entropy"),
-              "vqtok refined, entropy": ("vqtok refined", "kbps_entropy"),
-              "vqtok searched, entropy": ("vqtok searched", "kbps_entropy"), "Opus": ("Opus", "kbps"),
-              "Codec 2": ("Codec 2", "kbps")}
+    """PESQ and STOI against file kbps, one curve per codec (vqtok packed, then every vqtok codec entropy-coded:
+    plain, refined, searched, each postfiltered too when measured). Returns False, drawing nothing, when
+    neither score was measured."""
+    ours = list(dict.fromkeys(r["codec"] for r in rows if r["codec"].startswith("vqtok")))
+    series = {"vqtok packed": ("vqtok", "kbps"), **{f"{codec}, entropy": (codec, "kbps_entropy") for codec in ours},
+              "Opus": ("Opus", "kbps"), "Codec 2": ("Codec 2", "kbps")}
     charts = {label: {name: [(r[x], r[key]) for r in rows if r["codec"] == codec and key in r]
                       for name, (codec, x) in series.items()}
               for key, label in (("pesq_wb", "PESQ-wb (MOS-LQO)"), ("stoi", "STOI"))}
@@ -289,9 +306,10 @@ def rate_charts(rows: list[dict], path: Path, title: str) -> bool:
 
 
 def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device: str,
-                        more: list[tuple[Refinement, list[int]]] = ()) -> dict | None:
-    """vqtok at every stage count on the files of `folder` (scored as the main rows), and for each
-    (refinement, stage counts) of `more` with its codes so chosen, each row with `pesq_drop`: its PESQ below
+                        more: list[tuple[Refinement, list[int]]] = (), postfilter: float = 0.0) -> dict | None:
+    """vqtok at every stage count on the files of `folder` (scored as the main rows, postfiltered rows too when
+    `postfilter` is non-zero), and for each (refinement, stage counts) of `more` with its codes so chosen, each
+    row with `pesq_drop`: its PESQ below
     the same codec and stage count's on the main clips. Printed as a table; None (and one line) when the folder
     is absent."""
     if not folder.is_dir():
@@ -299,9 +317,9 @@ def generalisation_rows(model_path: Path, folder: Path, rows: list[dict], device
         return None
     clips = load_clips(folder, len(data.find_inputs([folder])[1]))
     main = {(r["codec"], r["stages"]): r for r in rows if r["codec"].startswith("vqtok")}
-    _, other, _ = vqtok_rows(model_path, clips, device)
+    _, other, _ = vqtok_rows(model_path, clips, device, postfilter=postfilter)
     for refine, stage_counts in more:
-        other += vqtok_rows(model_path, clips, device, refine, stage_counts)[1]
+        other += vqtok_rows(model_path, clips, device, refine, stage_counts, postfilter)[1]
     for row in other:
         ours = main[row["codec"], row["stages"]]
         if row.get("pesq_wb") is not None and ours.get("pesq_wb") is not None:
@@ -353,6 +371,8 @@ def main() -> None:
         raise SystemExit("error: --clips must be at least 1")
     if args.refine < 0 or args.search < 0:
         raise SystemExit("error: --refine and --search must be >= 0")
+    if not 0.0 <= args.postfilter <= 1.0:
+        raise SystemExit(f"error: --postfilter must be between 0 and 1, got {args.postfilter:g}")
     refine_stages, search_stages = stage_list(args.refine_stages, "--refine-stages"), stage_list(
         args.search_stages, "--search-stages")
     if not args.data.is_dir():
@@ -367,7 +387,7 @@ def main() -> None:
     print(f"{len(clips)} clips, {seconds:.1f} s, from {args.data}", file=sys.stderr)
     for name in speech.missing_packages():
         print(f"{name} not installed: no {speech.PACKAGES[name]} column ({speech.INSTALL_HINT})", file=sys.stderr)
-    info, rows, firsts = vqtok_rows(args.model, clips, args.device)
+    info, rows, firsts = vqtok_rows(args.model, clips, args.device, postfilter=args.postfilter)
     # The chosen-code rows, at the stage counts the model has: refined, then searched.
     chosen_codes = []
     if args.refine:
@@ -376,17 +396,17 @@ def main() -> None:
         chosen_codes.append((Refinement(args.refine, args.search), search_stages))
     chosen_codes = [(how, [n for n in counts if 1 <= n <= info["stages"]]) for how, counts in chosen_codes]
     for how, counts in chosen_codes:
-        _, chosen, chosen_firsts = vqtok_rows(args.model, clips, args.device, how, counts)
+        _, chosen, chosen_firsts = vqtok_rows(args.model, clips, args.device, how, counts, args.postfilter)
         rows, firsts = rows + chosen, firsts + chosen_firsts
     with tempfile.TemporaryDirectory() as work:
         more, more_firsts = codec_rows(clips, Path(work))
     rows, firsts = rows + more, firsts + more_firsts
     title = f"{args.data.name}: {len(clips)} clips, {seconds:.0f} s, scored at 16 kHz"
     print_table(rows, title)
-    other = generalisation_rows(args.model, args.other, rows, args.device, chosen_codes)
+    other = generalisation_rows(args.model, args.other, rows, args.device, chosen_codes, args.postfilter)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
-              "refine": args.refine, "search": args.search,
+              "refine": args.refine, "search": args.search, "postfilter": args.postfilter,
               "packages": {name: _version(name) for name in speech.PACKAGES},
               "tools": {tool: shutil.which(tool) for tools, _ in TOOLS.values() for tool in tools}, "rows": rows,
               "other": other, "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}

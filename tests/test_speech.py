@@ -220,6 +220,9 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     with pytest.raises(SystemExit, match="--refine-stages must be comma-separated"):
         monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "two"])
         bench.main()
+    with pytest.raises(SystemExit, match="--postfilter must be between 0 and 1, got 1.5"):
+        monkeypatch.setattr(sys, "argv", [*args, "--postfilter", "1.5"])
+        bench.main()
     monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5", "--search", "3",
                                       "--search-stages", "1,9"])
     bench.main()
@@ -234,6 +237,12 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     assert refined["kbps"] > vqtok[1]["kbps"]
     (searched,) = [r for r in result["rows"] if r["codec"] == "vqtok searched"]
     assert searched["stages"] == 1 and searched["setting"] == "1 stage, 2 steps, 3 candidates"
+    # Every vqtok row is followed by the same decode postfiltered: same files, another sound.
+    for row, after in zip(result["rows"], result["rows"][1:]):
+        if row["codec"] in ("vqtok", "vqtok refined", "vqtok searched"):
+            assert after["codec"] == f"{row['codec']}, postfiltered" and after["stages"] == row["stages"]
+            assert after["setting"] == f"{row['setting']}, postfilter 0.3" and after["kbps"] == row["kbps"]
+            assert after["si_snr_db"] != row["si_snr_db"]
     codecs = {r["codec"] for r in result["rows"]}
     assert ("Opus" in codecs) == (shutil.which("opusenc") is not None and shutil.which("opusdec") is not None)
     assert ("Codec 2" in codecs) == (shutil.which("c2enc") is not None and shutil.which("c2dec") is not None)
@@ -245,7 +254,9 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     assert "PESQ-wb" in capsys.readouterr().out
     other = result["other"]  # the shipped 24 kHz sample of another corpus, resampled by vqtok
     assert other["rates"] == [24000] and [(r["codec"], r["stages"]) for r in other["rows"]] == [
-        ("vqtok", 1), ("vqtok", 2), ("vqtok refined", 2), ("vqtok searched", 1)]
+        (codec + postfilter, stages) for codec, stages in (("vqtok", 1), ("vqtok", 2), ("vqtok refined", 2),
+                                                           ("vqtok searched", 1))
+        for postfilter in ("", ", postfiltered")]
     if "pesq" not in speech.missing_packages():
         assert all(math.isfinite(r["pesq_drop"]) for r in other["rows"])
 

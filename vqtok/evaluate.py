@@ -12,7 +12,7 @@ import torch
 
 from vqtok.data import io as data
 from vqtok import speech, stats
-from vqtok.jobs.audiostream import WaveSignal
+from vqtok.jobs.audiostream import WaveSignal, postfiltered
 from vqtok.jobs.refine import Refinement, refined_codes
 from vqtok.tokens import tokfile
 from vqtok.tokens.tokfile import CodeTable
@@ -148,14 +148,16 @@ class AudioEvaluator:
     `kbps_entropy_file` (see TokenFileSizes). With `score_speech`, each file is also scored at 16 kHz with PESQ
     wide-band (`pesq_wb`, over the files PESQ accepts; `pesq_skipped` counts the others) and STOI (`stoi`),
     each when its package is installed (vqtok.speech). A true `refine`: the codes are chosen as `vqtok encode
-    --refine / --search` chooses them (vqtok.jobs.refine).
+    --refine / --search` chooses them (vqtok.jobs.refine). A non-zero `postfilter`: every figure is of the
+    reconstruction `vqtok decode --postfilter` writes (vqtok.postfilter at that strength).
     """
 
     def __init__(self, model: Tokenizer, stages: int | None = None, table: CodeTable | None = None,
-                 score_speech: bool = False, refine: Refinement = Refinement()):
+                 score_speech: bool = False, refine: Refinement = Refinement(), postfilter: float = 0.0):
         q = model.config.quantizer
         self.model = model
         self.refine = refine
+        self.postfilter = postfilter
         self.stages = stages or q.stages
         self.codebook_size = q.codebook_size
         self.token_files = TokenFileSizes(model, self.stages, table)
@@ -185,8 +187,8 @@ class AudioEvaluator:
             out = TokenizerOutput(self.model.decode(indices), indices, {}, self.model.encoder(padded[None]))
         else:
             out = self.model(padded[None], self.stages)
-        recon = out.recon[0, :, :length].clamp(-1.0, 1.0)
         rate = self.model.config.sample_rate
+        recon = postfiltered(out.recon[0, :, :length], rate, self.postfilter).clamp(-1.0, 1.0)
         self.sums["si_snr"] += float(stats.si_snr(recon, wave)[0])
         self.sums["mel_distance"] += float(stats.mel_distance(recon, wave, rate)[0])
         if fields is not None:

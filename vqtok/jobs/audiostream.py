@@ -1,13 +1,14 @@
 """Long audio in bounded memory: read, resample, encode, decode and write in chunks.
 
-A `Signal` is audio that can be read by sample range, with silence outside [0, length). Three kinds chain:
+A `Signal` is audio that can be read by sample range, with silence outside [0, length). Four kinds chain:
 `FileSignal` (a sound file read block by block with soundfile), `ResampledSignal` (another signal at a new
-rate) and `DecodedSignal` (the waveform of token codes); `WaveSignal` wraps a waveform already in memory.
+rate), `DecodedSignal` (the waveform of token codes) and `PostfilteredSignal` (another signal sharpened by
+vqtok.postfilter); `WaveSignal` wraps a waveform already in memory.
 `encode_signal` encodes a signal chunk by chunk and `write_signal` writes one to a WAV file in blocks, so memory
 follows the chunk, not the file.
 
 Chunks overlap by a margin that covers the receptive field of the stage that consumes them (the sinc
-resampler's kernel, `encoder_context`, `decoder_context`), and the file's edges are treated as the whole-file
+resampler's kernel, `encoder_context`, `decoder_context`, the postfilter's window), and the file's edges are treated as the whole-file
 computation treats them, so chunked results equal the whole-file ones up to floating-point rounding.
 """
 
@@ -28,6 +29,7 @@ from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.errors import VqtokError
 from vqtok.jobs.refine import Refinement, refined_codes
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.postfilter import FRAMES_PER_WINDOW, sharpened_frames, window_length
 
 # Default chunk length in seconds for encoding, decoding and writing.
 CHUNK_SECONDS = 30.0
@@ -259,10 +261,40 @@ class DecodedSignal:
         return _place(wave, lo * hop, start, stop, self.length)
 
 
-def decoded_signal(model: Tokenizer, codes: torch.Tensor, length: int, rate: int) -> Signal:
-    """The codes' waveform at `rate` Hz, `length` samples long (resampled from the model's rate when they differ)."""
+class PostfilteredSignal:
+    """`source` sharpened by vqtok.postfilter at `strength` (> 0).
+
+    Its frames lie on a fixed grid (frame j starts at sample j * hop, silence outside the source), and a read
+    takes every frame that touches it, so reads of any size give the samples of postfiltering the whole source.
+    """
+
+    def __init__(self, source: Signal, strength: float):
+        self.source, self.strength = source, strength
+        self.rate, self.length, self.channels = source.rate, source.length, source.channels
+        self.window = window_length(source.rate)
+        self.hop = self.window // FRAMES_PER_WINDOW
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        first = (start - self.window) // self.hop + 1  # the first frame reaching `start`
+        last = (stop - 1) // self.hop  # the last frame starting before `stop`
+        lo = first * self.hop
+        block = sharpened_frames(self.source.read(lo, last * self.hop + self.window), self.strength, self.window)
+        return _place(block, lo, start, stop, self.length)
+
+
+def postfiltered(wave: torch.Tensor, rate: int, strength: float) -> torch.Tensor:
+    """A waveform (C, T) at `rate` Hz through the postfilter (vqtok.postfilter) at `strength`; 0 returns it as is."""
+    return PostfilteredSignal(WaveSignal(wave, rate), strength).read(0, wave.shape[-1]) if strength else wave
+
+
+def decoded_signal(model: Tokenizer, codes: torch.Tensor, length: int, rate: int,
+                   postfilter: float = 0.0) -> Signal:
+    """The codes' waveform at `rate` Hz, `length` samples long (resampled from the model's rate when they
+    differ), sharpened first at the model's rate when `postfilter` (a strength in [0, 1]) is non-zero."""
     model_length = resampled_length(length, rate, model.config.sample_rate)
-    decoded = DecodedSignal(model, codes, model_length)
+    decoded: Signal = DecodedSignal(model, codes, model_length)
+    if postfilter:
+        decoded = PostfilteredSignal(decoded, postfilter)
     return decoded if rate == model.config.sample_rate else ResampledSignal(decoded, rate, length)
 
 

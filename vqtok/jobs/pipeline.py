@@ -34,6 +34,7 @@ from vqtok.jobs.tiles import checked_image_size, decode_tiled, encode_tiled, nee
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.modelfile import load
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.postfilter import check_strength
 from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, ShardWriter
 from vqtok.tokens.tokfile import CodeTable, Tokens, encode_with_fallback, peek_header, read_tokens
 
@@ -555,16 +556,19 @@ def decode_files(
     *,
     force: bool = False,
     device: str = "auto",
+    postfilter: float = 0.0,
     on_file: FileCallback | None = None,
 ) -> RunReport:
     """Decode every token file under `inputs` to a PNG at its original size, or a 16-bit WAV at its original
-    sample rate and length, mirroring the tree under `out`. Token files written by another model (different
+    sample rate and length, mirroring the tree under `out`; audio through the postfilter (vqtok.postfilter)
+    at strength `postfilter` when it is non-zero. Token files written by another model (different
     fingerprint) are refused and reported. Images above `tiles.WHOLE_IMAGE_PIXELS` are decoded tile by tile;
     a token file claiming a size that encode would refuse (`data.MAX_IMAGE_PIXELS`) is refused before its codes
     are read."""
     begin = time.perf_counter()
     dev = pick_device(device)
     model = load(model_path, dev)
+    check_strength(postfilter, model.config.modality, model_path)
     fingerprint = model.fingerprint()
     table = code_table(model)
     report = RunReport()
@@ -583,7 +587,7 @@ def decode_files(
                                  f"not by {model_path} ({fingerprint})")
             codes = torch.from_numpy(tokens.codes.astype(np.int64))
             if model.config.modality == "audio":
-                decode_audio(model, codes, tokens.header, target, token_path)
+                decode_audio(model, codes, tokens.header, target, token_path, postfilter)
             elif needs_tiles(*size):
                 data.save_image(target, decode_tiled(model, codes, size=size))
             else:
@@ -601,8 +605,10 @@ def decode_files(
     return report
 
 
-def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Path, token_path: Path) -> None:
-    """Write the WAV of audio codes (S, frames) or (S, C, frames) at the header's original rate and length."""
+def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Path, token_path: Path,
+                 postfilter: float = 0.0) -> None:
+    """Write the WAV of audio codes (S, frames) or (S, C, frames) at the header's original rate and length,
+    postfiltered at strength `postfilter` (0: not)."""
     try:
         rate, length = int(header["original_sample_rate"]), int(header["original_length"])
     except (KeyError, TypeError, ValueError):
@@ -612,7 +618,7 @@ def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Pa
     frames, needed = codes.shape[-1], -(-resampled_length(length, rate, model.config.sample_rate) // model.hop)
     if frames != needed:
         raise VqtokError(f"{token_path}: {frames} code frames, but {length} samples at {rate} Hz need {needed}")
-    write_signal(target, decoded_signal(model, codes, length, rate))
+    write_signal(target, decoded_signal(model, codes, length, rate, postfilter))
 
 
 def read_tokens_for_model(path: Path, table: CodeTable | None) -> Tokens:

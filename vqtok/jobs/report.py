@@ -27,6 +27,7 @@ from vqtok.tokens.tokfile import CodeTable
 from vqtok.jobs.pipeline import (audio_header, code_table, find_token_files, image_batches,
                                  load_for_inputs, read_tokens_for_model)
 from vqtok.jobs.refine import Refinement
+from vqtok.postfilter import check_strength
 
 # Images drawn by `eval --plot` (inputs above, reconstructions below).
 PLOT_ITEMS = 8
@@ -122,7 +123,7 @@ class EvalReport:
 
 def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto", batch_size: int = 32,
                    stages: int | None = None, plot: Path | None = None, score_speech: bool = True,
-                   refine: Refinement = Refinement()) -> EvalReport:
+                   refine: Refinement = Refinement(), postfilter: float = 0.0) -> EvalReport:
     """Images: PSNR / SSIM / MS-SSIM / MSE per image at its original size, usage, perplexity, quantization
     error, bits per pixel of the codes and of the token files `vqtok encode` would write with either codec
     (see ImageEvaluator). Audio: SI-SNR and log-mel distance per file (at the model's rate), PESQ wide-band
@@ -131,13 +132,15 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
     only when given (a lower bitrate).
     `plot`: a PNG of the first file(s): inputs above reconstructions (images) or the two log-mel spectrograms
     (audio). `score_speech=False` leaves PESQ and STOI out (for callers that only count codes). A true `refine`
-    (audio): score codes chosen as `vqtok encode --refine / --search` chooses them."""
+    (audio): score codes chosen as `vqtok encode --refine / --search` chooses them; a non-zero `postfilter`
+    (audio): score what `vqtok decode --postfilter` writes."""
     dev = pick_device(device)
     model, modality, paths = load_for_inputs(model_path, inputs, dev, stages)
     refine.check(modality, model_path)
+    check_strength(postfilter, modality, model_path)
     failed: list[tuple[str, str]] = []
     if modality == "audio":
-        return _evaluate_audio(model, paths, inputs, dev, stages, plot, failed, score_speech, refine)
+        return _evaluate_audio(model, paths, inputs, dev, stages, plot, failed, score_speech, refine, postfilter)
     evaluator = ImageEvaluator(model, stages, code_table(model))
     source = data.relative_namer(inputs)
     first: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -165,10 +168,10 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
 
 def _evaluate_audio(model: Tokenizer, paths: list[Path], inputs: Sequence[Path], dev: torch.device,
                     stages: int | None, plot: Path | None, failed: list[tuple[str, str]],
-                    score_speech: bool, refine: Refinement) -> EvalReport:
+                    score_speech: bool, refine: Refinement, postfilter: float) -> EvalReport:
     """Each file whole, mono at the model's rate (see AudioEvaluator); its token file sizes are measured with
     the header `vqtok encode` would write for it (mono)."""
-    evaluator = AudioEvaluator(model, stages, code_table(model), score_speech, refine)
+    evaluator = AudioEvaluator(model, stages, code_table(model), score_speech, refine, postfilter)
     source = data.relative_namer(inputs)
     rate = model.config.sample_rate
     for path in paths:

@@ -1,0 +1,68 @@
+"""Decoder-side postfilter for audio: spectral sharpening, as classic speech decoders (Codec 2, AMR, SILK)
+sharpen what they synthesise. It costs no bits: token files stay as they are, only `vqtok decode` / `eval`
+output changes.
+
+A decoder trained on spectral losses at a low bitrate spreads energy into the valleys between formants and
+harmonics (an averaged, noisy-sounding spectrum). Each short-time spectrum is raised to the power
+1 + `strength` and rescaled to its own energy, which deepens the valleys (by at most MIN_GAIN) and lifts the
+peaks without changing loudness; frames are Hann-windowed, WINDOW_SECONDS long, a quarter window apart, and overlap-added.
+
+Measured on the shipped speech model, 10 LibriSpeech test-other clips (PESQ-wb / STOI), strength 0.3:
+one stage searched 1.309 / 0.816 -> 1.404 / 0.808; two stages refined 1.465 / 0.839 -> 1.635 / 0.831; four
+stages refined 1.691 / 0.874 -> 1.907 / 0.865. Tried and dropped: 32 ms windows (1.370 at one stage: too short
+to resolve harmonics), keeping each mel band's energy (1.327: the gain comes from contrast across bands),
+strength 0.45 (1.391, STOI 0.800), a noise gate on quiet frames (+0.005).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vqtok.errors import VqtokError
+
+# Analysis window: 128 ms resolves the harmonics of a voice (2048 samples at 16 kHz).
+WINDOW_SECONDS = 0.128
+# Frames a quarter window apart: the squared Hann windows then sum to a constant, so overlap-add is exact.
+FRAMES_PER_WINDOW = 4
+# No bin is cut by more than this gain (-10.5 dB): deeper valleys cost intelligibility (STOI) and gain nothing
+# on PESQ (one stage searched, strength 0.3: 1.404 / 0.808 unbounded, 1.405 / 0.810 at 0.3, 1.391 / 0.815 at 0.5).
+MIN_GAIN = 0.3
+# The strength `vqtok decode --postfilter` suggests for speech (see the measurements above).
+SPEECH_STRENGTH = 0.3
+
+
+def check_strength(strength: float, modality: str, model_path: str | Path) -> None:
+    """Refuse a strength outside [0, 1] (0: no postfilter), or a non-zero one for an image model."""
+    if not 0.0 <= strength <= 1.0:
+        raise VqtokError(f"--postfilter must be between 0 and 1, got {strength:g}")
+    if strength and modality != "audio":
+        raise VqtokError(f"--postfilter is for audio models; {model_path} is an {modality} model")
+
+
+def window_length(rate: int) -> int:
+    """The analysis window in samples at `rate` Hz: the power of two nearest WINDOW_SECONDS (2048 at 16 kHz)."""
+    return 1 << max(FRAMES_PER_WINDOW, round(math.log2(WINDOW_SECONDS * rate)))
+
+
+def sharpened_frames(block: torch.Tensor, strength: float, window: int) -> torch.Tensor:
+    """Postfilter every frame of `block` (C, window + m * hop), hop = window / FRAMES_PER_WINDOW, frame j
+    starting at sample j * hop: (C, window + m * hop), the overlap-added output. A sample is exact only where
+    all FRAMES_PER_WINDOW frames covering it lie inside the block, i.e. [window - hop, len - window + hop);
+    the caller widens its reads by that margin."""
+    hop = window // FRAMES_PER_WINDOW
+    hann = torch.hann_window(window, dtype=block.dtype, device=block.device)
+    frames = block.unfold(-1, window, hop) * hann  # (C, m + 1, window)
+    spectra = torch.fft.rfft(frames)
+    power = spectra.abs().square()
+    # |X| ** (1 + s), rescaled to the frame's energy: gain = |X| ** s * sqrt(sum |X|^2 / sum |X|^(2 + 2s)).
+    gain = power.pow(strength / 2)
+    energy, sharpened_energy = power.sum(-1, keepdim=True), (power * gain.square()).sum(-1, keepdim=True)
+    gain = (gain * (energy / sharpened_energy.clamp_min(torch.finfo(block.dtype).tiny)).sqrt()).clamp_min(MIN_GAIN)
+    out = torch.fft.irfft(spectra * gain, n=window) * hann  # (C, m + 1, window)
+    length = block.shape[-1]
+    summed = F.fold(out.transpose(1, 2), output_size=(1, length), kernel_size=(1, window), stride=(1, hop))
+    return summed[:, 0, 0] / (hann.square().sum() / hop)
