@@ -5,7 +5,8 @@ output changes.
 A decoder trained on spectral losses at a low bitrate spreads energy into the valleys between formants and
 harmonics (an averaged, noisy-sounding spectrum). Each short-time spectrum is raised to the power
 1 + `strength` and rescaled to its own energy, which deepens the valleys (by at most MIN_GAIN) and lifts the
-peaks without changing loudness; frames are Hann-windowed, WINDOW_SECONDS long, a quarter window apart, and overlap-added.
+peaks without changing loudness; frames are Hann-windowed, WINDOW_SECONDS long, a quarter window apart, and
+overlap-added.
 
 Measured on the shipped speech model, 10 LibriSpeech test-other clips (PESQ-wb / STOI), strength 0.3:
 one stage searched 1.309 / 0.816 -> 1.404 / 0.808; two stages refined 1.465 / 0.839 -> 1.635 / 0.831; four
