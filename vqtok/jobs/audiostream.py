@@ -9,7 +9,8 @@ follows the chunk, not the file.
 
 Chunks overlap by a margin that covers the receptive field of the stage that consumes them (the sinc
 resampler's kernel, `encoder_context`, `decoder_context`, the postfilter's window), and the file's edges are
-treated as the whole-file computation treats them, so chunked results equal the whole-file ones up to floating-point rounding.
+treated as the whole-file computation treats them, so chunked results equal the whole-file ones up to
+floating-point rounding.
 """
 
 from __future__ import annotations
