@@ -20,8 +20,8 @@ from vqtok.nets.audio import INPUT_GAIN, decoder_context, encoder_context
 from vqtok.nets.spectral import WINDOW_HOPS, analysis, synthesis
 from vqtok.data.streams import AudioSegments, read_audio_headers
 from vqtok.training.audiosets import AudioTask, segment_samples
-from vqtok.training.audioloss import (SPECTRAL_FLOOR, FrameLogMelError, compressed_spectrum_error, log_mel_l1,
-                                      mel_sizes, reconstruction_loss, spectral_scales)
+from vqtok.training.audioloss import (SPECTRAL_FLOOR, FrameEnvelopeError, FrameLogMelError, compressed_spectrum_error,
+                                      log_mel_l1, mel_sizes, reconstruction_loss, spectral_scales)
 from vqtok.jobs import refine
 from vqtok.jobs.refine import Refinement
 from vqtok.jobs.audiostream import (DecodedSignal, FileSignal, WaveSignal, decoded_signal, encode_signal,
@@ -608,6 +608,54 @@ def test_log_mel_error_per_frame_sums_to_the_mean_and_stays_local(long_stereo: P
     assert float(grown[20:22].min()) > 0.1 * float(both[0, 20:22].mean())
     far = [f for f in range(len(grown)) if abs(f - 21) > 2048 // hop + 2]
     assert float(grown[far].abs().max()) < 1e-5
+
+
+def test_log_mel_error_with_a_range_ignores_what_lies_far_below_the_target_peak() -> None:
+    hop = 320
+    t = torch.arange(RATE) / RATE
+    target = (0.5 * torch.sin(2 * math.pi * 440 * t))[None, None]  # (1, 1, T): one loud tone
+    # A hiss 80 dB below the tone, over the second half only: audible to the absolute floor, not within 40 dB.
+    hiss = 5e-5 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    hiss[..., :RATE // 2] = 0.0
+    whole = FrameLogMelError(target, RATE, hop)(target + hiss)
+    ranged = FrameLogMelError(target, RATE, hop, range_db=40.0)(target + hiss)
+    late = slice(RATE // hop // 2 + 8, None)  # frames well inside the hiss
+    assert float(whole[0, late].mean()) > 0.05
+    assert float(ranged[0, late].mean()) < 0.01 * float(whole[0, late].mean())
+    # Within the range it still sees errors: the tone at half its level.
+    halved = FrameLogMelError(target, RATE, hop, range_db=40.0)(0.5 * target)
+    assert float(halved[0, late].mean()) > 20 * float(ranged[0, late].mean())
+
+
+def test_envelope_error_is_relative_to_the_target_energy_and_stays_local() -> None:
+    hop, frames = 320, RATE // 320
+
+    def noise(*levels: float) -> torch.Tensor:
+        """(1, 1, RATE): white noise in equal parts at these levels."""
+        wave = 0.3 * torch.randn(1, 1, RATE, generator=torch.Generator().manual_seed(0))
+        for part, level in zip(wave.chunk(len(levels), dim=-1), levels):
+            part *= level
+        return wave
+
+    target = noise(1.0, 0.3)  # the second half 10 dB quieter
+    error = FrameEnvelopeError(target, RATE, hop)
+    assert float(error(target).abs().max()) < 1e-6
+    # Half the level costs about (1 - 0.5)^2 = 0.25 a frame, loud or quiet: each band is judged against its
+    # own energy. 60 dB down, below the floor, it hardly counts.
+    halved = error(0.5 * target)[0]
+    for part in (halved[4:frames // 2 - 16], halved[frames // 2 + 16:-4]):
+        assert float(part.mean()) == pytest.approx(0.25, rel=0.2)
+    faint = noise(1.0, 1e-3)
+    assert float(FrameEnvelopeError(faint, RATE, hop)(0.5 * faint)[0, frames // 2 + 16:-4].mean()) < 0.01
+    # Spoiling frames 20-21 raises the error there and leaves frames a window (512 samples) away alone.
+    spoiled = target.clone()
+    spoiled[..., 20 * hop:22 * hop] = 0.0
+    grown = error(spoiled)[0]
+    assert float(grown[20:22].min()) > 0.1
+    far = [f for f in range(frames) if abs(f - 21) > 512 // hop + 2]
+    assert float(grown[far].abs().max()) < 1e-6
+    # At 6 kHz the bands past 3 kHz are dropped.
+    assert len(FrameEnvelopeError(target[..., :6000], 6000, 120).bands) < 15 == len(error.bands)
 
 
 def test_code_search_lowers_the_log_mel_error_and_one_candidate_is_a_plain_encode(long_stereo: Path) -> None:

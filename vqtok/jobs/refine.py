@@ -36,7 +36,7 @@ import torch
 from vqtok.errors import VqtokError
 from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.training.audioloss import FrameLogMelError, reconstruction_loss
+from vqtok.training.audioloss import FrameEnvelopeError, FrameLogMelError, reconstruction_loss
 
 if TYPE_CHECKING:
     from vqtok.jobs.audiostream import Signal
@@ -60,6 +60,16 @@ LOSS = "complex"
 # with the waveform error added 1.280 / 0.792.
 SEARCH_REACH = 3
 SEARCH_SWEEPS = 2
+# The search's error: the log-mel error with its floor SEARCH_RANGE_DB below the window's loudest bin, plus
+# SEARCH_ENVELOPE_WEIGHT times the STOI-like band envelope error (`FrameEnvelopeError`). Measured on the shipped
+# speech model at one stage, refined 50 steps and 32 candidates, 10 LibriSpeech test-other clips (PESQ-wb /
+# STOI, then with `--postfilter 0.3`): log-mel error alone 1.312 / 0.816, 1.406 / 0.810; floors 30, 40 and
+# 50 dB down 1.357 / 0.817, 1.346 / 0.818, 1.338 / 0.818, postfiltered 1.446 / 0.813, 1.450 / 0.813, 1.422 /
+# 0.813; 40 dB with the envelope error at weights 0.15, 0.3, 1 and 3: 1.347 / 0.831, 1.342 / 0.833, 1.317 /
+# 0.832, 1.303 / 0.832, postfiltered 1.439 / 0.828, 1.431 / 0.830, 1.410 / 0.829, 1.380 / 0.828. Weighting
+# frames by loudness instead (1.316 / 0.812) or adding compressed-magnitude errors (1.334 / 0.817) did less.
+SEARCH_RANGE_DB = 40.0
+SEARCH_ENVELOPE_WEIGHT = 0.15
 # Candidate outputs decoded in one batch: bounds memory (a batch of 10 s windows), not the result.
 SEARCH_BATCH = 8
 
@@ -117,8 +127,9 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
 
     Stage by stage: a frame's candidates are the `candidates` codes nearest to what the earlier (already
     chosen) stages left of z; starting from the nearest, each frame in turn keeps the candidate whose decoded
-    output, through this stage, has the least log-mel error (`FrameLogMelError`) summed over the frames
-    within SEARCH_REACH of it. Frames 2 * SEARCH_REACH + 1 apart change together, each in its own batch row.
+    output, through this stage, has the least error (log-mel within SEARCH_RANGE_DB of the peak, plus the
+    band envelope error at SEARCH_ENVELOPE_WEIGHT) summed over the frames within SEARCH_REACH of it. Frames
+    2 * SEARCH_REACH + 1 apart change together, each in its own batch row.
     """
     hop, rate = model.hop, model.config.sample_rate
     used = len(model.quantizer.quantizers) if stages is None else stages
@@ -126,7 +137,8 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
     reach = torch.ones(1, 1, width, device=z.device)
     per_channel = []
     for zc, xc in zip(z.split(1), target.split(1)):
-        frame_error = FrameLogMelError(xc, rate, hop)
+        log_mel_error = FrameLogMelError(xc, rate, hop, SEARCH_RANGE_DB)
+        envelope_error = FrameEnvelopeError(xc, rate, hop)
         residual = model.quantizer.quantizers[0].prepare_input(model._to_vectors(zc).float())  # (f, D)
         frames = residual.shape[0]
         chosen: list[torch.Tensor] = []
@@ -147,7 +159,7 @@ def searched_codes(model: Tokenizer, z: torch.Tensor, target: torch.Tensor, cand
                         batch = base.expand(len(rows), -1, -1).clone()
                         batch[:, -1, moved] = rows
                         decoded = model.decode(batch)
-                        errors.append(frame_error(decoded))
+                        errors.append(log_mel_error(decoded) + SEARCH_ENVELOPE_WEIGHT * envelope_error(decoded))
                     error = torch.nn.functional.conv1d(torch.cat(errors).unsqueeze(1), reach,
                                                        padding=SEARCH_REACH)[:, 0, moved]  # (1 + K, n)
                     current[moved] = trials.gather(0, error.argmin(0, keepdim=True))[0]

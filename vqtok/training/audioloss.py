@@ -47,6 +47,12 @@ SPECTRAL_FLOOR = 1e-5
 # enhancement), which rewards the waveform's phase where the signal has energy.
 COMPLEX_WINDOW = 1024
 COMPLEX_WEIGHT = 2.0
+# `FrameEnvelopeError`, after STOI (Taal et al. 2011): 15 third-octave bands from 150 Hz, 32 ms windows (STOI's
+# 25.6 ms at 10 kHz, rounded to a power of two), energy measured over 384 ms segments.
+ENVELOPE_BANDS = 15
+ENVELOPE_LOW_HZ = 150.0
+ENVELOPE_WINDOW = 0.032
+ENVELOPE_SPAN = 0.384
 
 def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
     """(n_fft, n_mels) per resolution of the mel loss: 512 / 1024 / 2048 at 16 kHz, scaled with the rate and
@@ -91,22 +97,71 @@ class FrameLogMelError:
     """The "spectral" loss's log-mel L1 (`spectral_scales`, SPECTRAL_FLOOR) located in time, against one target
     whose spectrograms are computed once: calling it on (B, 1, T) outputs gives (B, T // hop), the error of the
     spectrogram columns centred in each span of `hop` samples (a code frame), each scale weighted as in the mean
-    `log_mel_l1` takes. For comparing many candidate outputs frame by frame (vqtok.jobs.refine's code search)."""
+    `log_mel_l1` takes. For comparing many candidate outputs frame by frame (vqtok.jobs.refine's code search).
 
-    def __init__(self, target: torch.Tensor, sample_rate: int, hop: int) -> None:
+    With `range_db`, each scale's floor rises to that many dB below the target's loudest mel bin, so what lies
+    further down (the quiet tails of a spectrum, pauses), which listeners and PESQ hardly hear, no longer weighs
+    as much as the speech itself."""
+
+    def __init__(self, target: torch.Tensor, sample_rate: int, hop: int, range_db: float | None = None) -> None:
         """target: (1, 1, T) in [-1, 1] at `sample_rate`."""
         self.frames, self.hop = target.shape[-1] // hop, hop
         self.scales = [(_mel(sample_rate, n_fft, n_mels, target.device), n_fft)
                        for n_fft, n_mels in spectral_scales(sample_rate)]
-        self.targets = [torch.log10(mel(target.flatten(1)) + SPECTRAL_FLOOR) for mel, _ in self.scales]
+        mels = [mel(target.flatten(1)) for mel, _ in self.scales]
+        self.floors = [SPECTRAL_FLOOR if range_db is None
+                       else max(SPECTRAL_FLOOR, float(m.max()) * 10 ** (-range_db / 20)) for m in mels]
+        self.targets = [torch.log10(m + floor) for m, floor in zip(mels, self.floors)]
 
     def __call__(self, recon: torch.Tensor) -> torch.Tensor:
         out = recon.new_zeros(recon.shape[0], self.frames)
-        for (mel, n_fft), target in zip(self.scales, self.targets):
-            error = (torch.log10(mel(recon.flatten(1)) + SPECTRAL_FLOOR) - target).abs().mean(1)  # (B, columns)
-            column = torch.arange(error.shape[1], device=recon.device) * (n_fft // 4)  # centre sample of each
-            weight = (n_fft // 4) / self.hop / len(self.scales)  # columns per frame differ between scales
-            out.index_add_(1, (column // self.hop).clamp(max=self.frames - 1), error * weight)
+        for (mel, n_fft), floor, target in zip(self.scales, self.floors, self.targets):
+            error = (torch.log10(mel(recon.flatten(1)) + floor) - target).abs().mean(1)  # (B, columns)
+            add_to_frames(out, error / len(self.scales), n_fft // 4, self.hop)
+        return out
+
+
+def add_to_frames(out: torch.Tensor, error: torch.Tensor, column_hop: int, hop: int) -> None:
+    """Add per-column errors (B, columns) of a centred STFT with hop `column_hop` to per-frame ones (B, frames)
+    in place: each column to the code frame (span of `hop` samples) holding its centre, scaled by column_hop /
+    hop so that windows of every size weigh alike per second."""
+    column = torch.arange(error.shape[1], device=error.device) * column_hop  # centre sample of each
+    out.index_add_(1, (column // hop).clamp(max=out.shape[1] - 1), error * (column_hop / hop))
+
+
+class FrameEnvelopeError:
+    """How far an output's band envelopes stray from a target's, per code frame, the way STOI judges
+    intelligibility: magnitudes in ENVELOPE_BANDS third-octave bands from ENVELOPE_LOW_HZ (STOI's bands; those
+    past the Nyquist frequency dropped), ENVELOPE_WINDOW-second Hann windows a quarter window apart; each
+    column's squared difference divided by the target's band energy around it (mean over ENVELOPE_SPAN
+    seconds, STOI's segment, floored 40 dB below its loudest) and averaged over bands. So each band and
+    stretch of speech weighs alike, in linear magnitudes where a log-mel error weighs the quiet gaps between
+    harmonics as much as the harmonics. Called on (B, 1, T) outputs -> (B, T // hop), located as `FrameLogMelError` locates its error."""
+
+    def __init__(self, target: torch.Tensor, sample_rate: int, hop: int) -> None:
+        """target: (1, 1, T) in [-1, 1] at `sample_rate`."""
+        self.frames, self.hop = target.shape[-1] // hop, hop
+        self.n_fft = 2 ** round(math.log2(ENVELOPE_WINDOW * sample_rate))
+        self.window = torch.hann_window(self.n_fft, device=target.device)
+        bins = torch.fft.rfftfreq(self.n_fft, 1 / sample_rate).to(target.device)
+        centres = ENVELOPE_LOW_HZ * 2 ** (torch.arange(ENVELOPE_BANDS, device=target.device) / 3)
+        bands = ((bins >= centres[:, None] * 2 ** (-1 / 6)) & (bins < centres[:, None] * 2 ** (1 / 6))).float()
+        self.bands = bands[bands.sum(1) > 0]  # (bands, bins)
+        self.target = self.envelopes(target)  # (1, bands, columns)
+        span = 2 * round(ENVELOPE_SPAN * sample_rate / (self.n_fft // 4) / 2) + 1  # columns, odd
+        energy = F.avg_pool1d(self.target.pow(2), span, 1, span // 2, count_include_pad=False)
+        self.energy = energy + 1e-4 * energy.amax()
+
+    def envelopes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T) -> band magnitudes (B, bands, columns)."""
+        spectrum = torch.stft(x.flatten(1).float(), self.n_fft, self.n_fft // 4, window=self.window,
+                              return_complex=True)
+        return (self.bands @ spectrum.abs().pow(2)).sqrt()
+
+    def __call__(self, recon: torch.Tensor) -> torch.Tensor:
+        error = ((self.envelopes(recon) - self.target).pow(2) / self.energy).mean(1)  # (B, columns)
+        out = recon.new_zeros(recon.shape[0], self.frames)
+        add_to_frames(out, error, self.n_fft // 4, self.hop)
         return out
 
 
