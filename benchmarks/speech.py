@@ -15,9 +15,9 @@ not). Each row's rate is that of its real files, 8 * bytes / the clip's duration
   --refine 0 leaves these rows out. They take most of the run: about 1.3 s per second of audio and stage count
   at 50 steps on two CPU cores.
 - vqtok searched ("vqtok searched"), for the stage counts of --search-stages: refined as above, then each
-  stage's codes chosen among its --search nearest by the decoded output's log-mel error, as `vqtok encode
-  --refine N --search K` writes them; --search 0 leaves these rows out. About 4 s per second of audio
-  and stage at 32 candidates on two CPU cores.
+  stage's codes chosen among its --search nearest by the decoded output's error (log-mel and band
+  envelopes, vqtok.jobs.refine), as `vqtok encode --refine N --search K` writes them; --search 0 leaves these
+  rows out. About 4 s per second of audio and stage at 32 candidates on two CPU cores.
 - postfiltered (", postfiltered" after each vqtok codec, unless --postfilter 0): every vqtok row's decode again,
   through the decoder-side postfilter at strength --postfilter (vqtok.postfilter), as `vqtok decode
   --postfilter S` writes it. The token files, and so the rates, are those of the row above it.

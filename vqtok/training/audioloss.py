@@ -136,7 +136,8 @@ class FrameEnvelopeError:
     column's squared difference divided by the target's band energy around it (mean over ENVELOPE_SPAN
     seconds, STOI's segment, floored 40 dB below its loudest) and averaged over bands. So each band and
     stretch of speech weighs alike, in linear magnitudes where a log-mel error weighs the quiet gaps between
-    harmonics as much as the harmonics. Called on (B, 1, T) outputs -> (B, T // hop), located as `FrameLogMelError` locates its error."""
+    harmonics as much as the harmonics. Called on (B, 1, T) outputs -> (B, T // hop), located as
+    `FrameLogMelError` locates its error."""
 
     def __init__(self, target: torch.Tensor, sample_rate: int, hop: int) -> None:
         """target: (1, 1, T) in [-1, 1] at `sample_rate`."""
