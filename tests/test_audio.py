@@ -714,6 +714,7 @@ def test_encode_and_eval_refine_from_the_command_line(trained: Path, clips: Path
     seconds = (44100 * 2 + 37) / 44100
     assert json.loads(scored.stdout)["kbps_packed_file"] * seconds * 1000 / 8 == pytest.approx(
         token_file.stat().st_size)
+    assert json.loads(scored.stdout)["refine_steps"] == 2 and "search" not in json.loads(scored.stdout)
     for command in ("encode", "eval"):
         out = ["--out", tmp_path / "x"] if command == "encode" else []
         for flag in ("--refine", "--search"):

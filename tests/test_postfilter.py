@@ -151,6 +151,7 @@ def test_decode_and_eval_postfilter_from_the_command_line(sample_audio: Path, sa
         scored[name] = json.loads(result.stdout)
     assert scored["plain"]["kbps_packed_file"] == scored["sharp"]["kbps_packed_file"]
     assert scored["plain"]["mel_distance"] != scored["sharp"]["mel_distance"]
+    assert scored["sharp"]["postfilter"] == 0.3 and "postfilter" not in scored["plain"]
     # Bad strengths and image models: one line, exit 1, nothing written.
     for command, args in (("decode", [tokens, "--out", tmp_path / "x"]), ("eval", [clips])):
         bad = invoke(command, "speech", *args, "--postfilter", "2")

@@ -230,7 +230,8 @@ class AudioEvaluator:
 
     def result(self) -> dict[str, float]:
         """Means per file (file kbps over the files added with header fields, PESQ over the files it scored),
-        usage / perplexity averaged over stages, then one entry per stage."""
+        usage / perplexity averaged over stages, the refine / search / postfilter settings that are not 0, then
+        one entry per stage."""
         n = max(self.files, 1)
         out = {k: v / n for k, v in self.sums.items()}
         out.update({k: v / self.speech_files[k] for k, v in self.speech_sums.items()})
@@ -243,6 +244,9 @@ class AudioEvaluator:
         out.update(codebook_figures(usages, self.err, self.energy))
         out["files"] = float(self.files)
         out["audio_seconds"] = self.samples / self.model.config.sample_rate
+        # How the figures were made, where that differs from a plain encode and decode.
+        settings = {"refine_steps": self.refine.steps, "search": self.refine.search, "postfilter": self.postfilter}
+        out.update({k: float(v) for k, v in settings.items() if v})
         for s, u in enumerate(usages):
             out[f"usage_stage_{s + 1}"] = u.usage
             out[f"perplexity_stage_{s + 1}"] = u.perplexity
