@@ -170,20 +170,22 @@ RECIPES: dict[str, Recipe] = {
                      "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
                      "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps; "
                      "at 1-2 stages `--refine 50 --search 32` also searches the codebooks (about 4 s per second "
-                     "of audio and stage) (benchmarks/speech.py puts it beside Opus and Codec 2).",
+                     "of audio and stage); `vqtok decode --postfilter 0.3` sharpens the sound at no cost in bits "
+                     "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
                   "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",
                   "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
-               "scope. Any input is mixed to mono and resampled to 16 kHz. On LibriSpeech test-other, plain "
-               "encoding scores PESQ 1.22-1.57: from 3 stages (1.6 kbps) above every Codec 2 mode (1.20-1.51 at "
-               "0.45-3.2 kbps), 0.23 below Opus at 6 kbps (1.79). With `--refine 50`: 1.60 at 2 stages (1.1 kbps, "
-               "above every Codec 2 mode), 1.84 at 4 (2.1 kbps), 1.88 at 8, and STOI 0.881-0.887 from 4 stages "
-               "against Opus's 0.857. One stage (0.6 kbps) is rough: PESQ 1.22 plain, 1.27 refined (below Codec 2 "
-               "700C), 1.39 / STOI 0.811 with `--refine 50 --search 32` (above Codec 2 1200, below its 1400-3200 "
-               "modes in PESQ); 2 stages searched: 1.70 / 0.864 (benchmarks/README.md, Speech).",
+               "scope. Any input is mixed to mono and resampled to 16 kHz. On the first 30 LibriSpeech test-other "
+               "clips (PESQ-wb / STOI), plain encoding scores 1.22 / 0.753 to 1.57 / 0.844: from 3 stages (1.6 "
+               "kbps) above every Codec 2 mode (up to 1.51 / 0.831 at 3.2 kbps), below Opus at 6 kbps (1.79 / "
+               "0.857). With `--refine 50`: 1.60 / 0.841 at 2 stages (1.1 kbps), 1.84 / 0.881 at 4 (2.1 kbps), "
+               "2.00 / 0.872 postfiltered. One stage (0.6 kbps) is rough: 1.22 plain, 1.45 / 0.833 with "
+               "`--refine 50 --search 32`, 1.52 / 0.827 postfiltered (above every Codec 2 mode up to 2.4 kbps; "
+               "against 3.2 kbps, above in one score or the other, not both); 2 stages searched: 1.75 / 0.882, "
+               "1.85 / 0.874 postfiltered (benchmarks/README.md, Speech).",
     ),
 }
 
