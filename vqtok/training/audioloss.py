@@ -54,6 +54,7 @@ ENVELOPE_LOW_HZ = 150.0
 ENVELOPE_WINDOW = 0.032
 ENVELOPE_SPAN = 0.384
 
+
 def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
     """(n_fft, n_mels) per resolution of the mel loss: 512 / 1024 / 2048 at 16 kHz, scaled with the rate and
     rounded to powers of two (256 / 512 / 1024 at 8 kHz). Bands are n_fft / 16, at most 80, so the narrow
