@@ -48,11 +48,13 @@ SPECTRAL_FLOOR = 1e-5
 COMPLEX_WINDOW = 1024
 COMPLEX_WEIGHT = 2.0
 # `FrameEnvelopeError`, after STOI (Taal et al. 2011): 15 third-octave bands from 150 Hz, 32 ms windows (STOI's
-# 25.6 ms at 10 kHz, rounded to a power of two), energy measured over 384 ms segments.
+# 25.6 ms at 10 kHz, rounded to a power of two), energy measured over 384 ms segments and floored
+# ENVELOPE_RANGE_DB below its loudest (STOI drops frames more than 40 dB below the loudest).
 ENVELOPE_BANDS = 15
 ENVELOPE_LOW_HZ = 150.0
 ENVELOPE_WINDOW = 0.032
 ENVELOPE_SPAN = 0.384
+ENVELOPE_RANGE_DB = 40.0
 
 
 def mel_sizes(sample_rate: int) -> list[tuple[int, int]]:
@@ -135,8 +137,8 @@ class FrameEnvelopeError:
     intelligibility: magnitudes in ENVELOPE_BANDS third-octave bands from ENVELOPE_LOW_HZ (STOI's bands; those
     past the Nyquist frequency dropped), ENVELOPE_WINDOW-second Hann windows a quarter window apart; each
     column's squared difference divided by the target's band energy around it (mean over ENVELOPE_SPAN
-    seconds, STOI's segment, floored 40 dB below its loudest) and averaged over bands. So each band and
-    stretch of speech weighs alike, in linear magnitudes where a log-mel error weighs the quiet gaps between
+    seconds, STOI's segment, floored ENVELOPE_RANGE_DB below its loudest) and averaged over bands. So each band
+    and stretch of speech weighs alike, in linear magnitudes where a log-mel error weighs the quiet gaps between
     harmonics as much as the harmonics. Called on (B, 1, T) outputs -> (B, T // hop), located as
     `FrameLogMelError` locates its error."""
 
@@ -152,7 +154,7 @@ class FrameEnvelopeError:
         self.target = self.envelopes(target)  # (1, bands, columns)
         span = 2 * round(ENVELOPE_SPAN * sample_rate / (self.n_fft // 4) / 2) + 1  # columns, odd
         energy = F.avg_pool1d(self.target.pow(2), span, 1, span // 2, count_include_pad=False)
-        self.energy = energy + 1e-4 * energy.amax()
+        self.energy = energy + 10 ** (-ENVELOPE_RANGE_DB / 10) * energy.amax()
 
     def envelopes(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, T) -> band magnitudes (B, bands, columns)."""
