@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vqtok.errors import VqtokError
+from vqtok.speech import stoi_bands
 
 # Analysis window: 128 ms resolves the harmonics of a voice (2048 samples at 16 kHz).
 WINDOW_SECONDS = 0.128
@@ -32,6 +33,16 @@ FRAMES_PER_WINDOW = 4
 # No bin is cut by more than this gain (-10.5 dB): deeper valleys cost intelligibility (STOI) and gain nothing
 # on PESQ (one stage searched, strength 0.3: 1.404 / 0.808 unbounded, 1.405 / 0.810 at 0.3, 1.391 / 0.815 at 0.5).
 MIN_GAIN = 0.3
+# Intelligibility rides on how the energy of each third-octave band rises and falls (STOI's premise), so in
+# STOI's bands (vqtok.speech.stoi_bands) a frame's change of band energy is pulled BAND_PULL of the way (in
+# dB) towards the band's change over BAND_SPAN_FRAMES frames around it (energy-weighted; 224 ms at 16 kHz),
+# and no band loses more than BAND_MIN_POWER of its energy (-7 dB). Sharpening within bands, and across them
+# in the mean, stays.
+BAND_SPAN_FRAMES = 7
+BAND_PULL = 0.7
+BAND_MIN_POWER = 0.2
+# Frames read on either side of those written: the band span's half.
+CONTEXT_FRAMES = BAND_SPAN_FRAMES // 2
 # The strength `vqtok decode --postfilter` suggests for speech (see the measurements above).
 SPEECH_STRENGTH = 0.3
 
@@ -49,12 +60,14 @@ def window_length(rate: int) -> int:
     return 1 << max(FRAMES_PER_WINDOW, round(math.log2(WINDOW_SECONDS * rate)))
 
 
-def sharpened_frames(block: torch.Tensor, strength: float, window: int) -> torch.Tensor:
-    """Postfilter every frame of `block` (C, window + m * hop), hop = window / FRAMES_PER_WINDOW, frame j
-    starting at sample j * hop: (C, window + m * hop), the overlap-added output. A sample is exact only where
-    all FRAMES_PER_WINDOW frames covering it lie inside the block, i.e. [window - hop, len - window + hop);
-    the caller widens its reads by that margin."""
+def sharpened_frames(block: torch.Tensor, strength: float, window: int, rate: int) -> torch.Tensor:
+    """Postfilter the frames of `block` (C, window + m * hop) at `rate` Hz, hop = window / FRAMES_PER_WINDOW,
+    frame j starting at sample j * hop; the first and last CONTEXT_FRAMES frames only inform their neighbours'
+    band gains: (C, window + (m - 2 * CONTEXT_FRAMES) * hop), the overlap-added output from sample
+    CONTEXT_FRAMES * hop on. An output sample is exact only where all FRAMES_PER_WINDOW frames covering it are
+    written, i.e. its first and last window - hop samples are not; the caller widens its reads by that margin."""
     hop = window // FRAMES_PER_WINDOW
+    tiny = torch.finfo(block.dtype).tiny
     hann = torch.hann_window(window, dtype=block.dtype, device=block.device)
     frames = block.unfold(-1, window, hop) * hann  # (C, m + 1, window)
     spectra = torch.fft.rfft(frames)
@@ -62,8 +75,31 @@ def sharpened_frames(block: torch.Tensor, strength: float, window: int) -> torch
     # |X| ** (1 + s), rescaled to the frame's energy: gain = |X| ** s * sqrt(sum |X|^2 / sum |X|^(2 + 2s)).
     gain = power.pow(strength / 2)
     energy, sharpened_energy = power.sum(-1, keepdim=True), (power * gain.square()).sum(-1, keepdim=True)
-    gain = (gain * (energy / sharpened_energy.clamp_min(torch.finfo(block.dtype).tiny)).sqrt()).clamp_min(MIN_GAIN)
-    out = torch.fft.irfft(spectra * gain, n=window) * hann  # (C, m + 1, window)
-    length = block.shape[-1]
+    gain = (gain * (energy / sharpened_energy.clamp_min(tiny)).sqrt()).clamp_min(MIN_GAIN)
+    gain = gain * band_correction(power, gain, window, rate)
+    written = gain.shape[1] - 2 * CONTEXT_FRAMES
+    spectra, gain = spectra.narrow(1, CONTEXT_FRAMES, written), gain.narrow(1, CONTEXT_FRAMES, written)
+    out = torch.fft.irfft(spectra * gain, n=window) * hann  # (C, written, window)
+    length = window + (written - 1) * hop
     summed = F.fold(out.transpose(1, 2), output_size=(1, length), kernel_size=(1, window), stride=(1, hop))
     return summed[:, 0, 0] / (hann.square().sum() / hop)
+
+
+def band_correction(power: torch.Tensor, gain: torch.Tensor, window: int, rate: int) -> torch.Tensor:
+    """The per-bin factor (C, frames, bins) on `gain` that slows and bounds each STOI band's change of energy
+    (BAND_SPAN_FRAMES, BAND_PULL, BAND_MIN_POWER), for frames' `power` spectra (C, frames, bins); bins outside
+    the bands get 1."""
+    bands = stoi_bands(window, rate, power.device).to(power.dtype)  # (bands, bins)
+    before, after = power @ bands.T, (power * gain.square()) @ bands.T  # (C, frames, bands)
+    silent = before == 0
+    change = torch.where(silent, 1.0, after / before.masked_fill(silent, 1.0))
+    # Energy-weighted over the span: silence (and the frames past a signal's ends) weighs nothing.
+    span = (BAND_SPAN_FRAMES, 1)
+    before_sum = F.avg_pool2d(before, span, 1, (CONTEXT_FRAMES, 0), count_include_pad=False)
+    after_sum = F.avg_pool2d(after, span, 1, (CONTEXT_FRAMES, 0), count_include_pad=False)
+    quiet = before_sum == 0
+    slow = torch.where(quiet, 1.0, after_sum / before_sum.masked_fill(quiet, 1.0))
+    pulled = change * (slow / change).pow(BAND_PULL)
+    factor = (pulled.clamp_min(BAND_MIN_POWER) / change).sqrt()  # (C, frames, bands)
+    # Bins outside every band keep their gain.
+    return factor @ bands + (1.0 - bands.sum(0))

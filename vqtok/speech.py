@@ -19,6 +19,9 @@ from vqtok import stats
 SPEECH_RATE = 16000
 # A codec delays its output by a few milliseconds (lookahead, filters): +-50 ms covers that with room to spare.
 MAX_LAG_SECONDS = 0.05
+# STOI's analysis bands: 15 third-octave bands, the lowest centred on 150 Hz (Taal et al. 2011).
+STOI_BANDS = 15
+STOI_LOW_HZ = 150.0
 # The optional packages and the score each gives.
 PACKAGES = {"pesq": "PESQ", "pystoi": "STOI"}
 INSTALL_HINT = "pip install vqtok[speech]"
@@ -36,6 +39,16 @@ def missing_note() -> str | None:
         return None
     scores = " and ".join(PACKAGES[name] for name in missing)
     return f"{scores} not measured ({', '.join(missing)} not installed): `{INSTALL_HINT}` adds them"
+
+
+def stoi_bands(n_fft: int, rate: int, device: torch.device | None = None) -> torch.Tensor:
+    """Which bins of an `n_fft`-point spectrum at `rate` Hz fall in each of STOI's third-octave bands: (bands,
+    n_fft // 2 + 1), 1.0 or 0.0, each bin in at most one band; bands holding no bin (past the Nyquist
+    frequency) are dropped."""
+    bins = torch.fft.rfftfreq(n_fft, 1 / rate, device=device)
+    centres = STOI_LOW_HZ * 2 ** (torch.arange(STOI_BANDS, device=device) / 3)
+    bands = ((bins >= centres[:, None] * 2 ** (-1 / 6)) & (bins < centres[:, None] * 2 ** (1 / 6))).float()
+    return bands[bands.sum(1) > 0]
 
 
 def at_speech_rate(wave: torch.Tensor, rate: int) -> torch.Tensor:

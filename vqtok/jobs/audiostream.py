@@ -8,9 +8,9 @@ vqtok.postfilter); `WaveSignal` wraps a waveform already in memory.
 follows the chunk, not the file.
 
 Chunks overlap by a margin that covers the receptive field of the stage that consumes them (the sinc
-resampler's kernel, `encoder_context`, `decoder_context`, the postfilter's window), and the file's edges are
-treated as the whole-file computation treats them, so chunked results equal the whole-file ones up to
-floating-point rounding.
+resampler's kernel, `encoder_context`, `decoder_context`, the postfilter's window and band span), and the
+file's edges are treated as the whole-file computation treats them, so chunked results equal the whole-file
+ones up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vqtok.nets.audio import decoder_context, encoder_context
 from vqtok.errors import VqtokError
 from vqtok.jobs.refine import Refinement, refined_codes
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.postfilter import FRAMES_PER_WINDOW, sharpened_frames, window_length
+from vqtok.postfilter import CONTEXT_FRAMES, FRAMES_PER_WINDOW, sharpened_frames, window_length
 
 # Default chunk length in seconds for encoding, decoding and writing.
 CHUNK_SECONDS = 30.0
@@ -278,8 +278,9 @@ class PostfilteredSignal:
     def read(self, start: int, stop: int) -> torch.Tensor:
         first = (start - self.window) // self.hop + 1  # the first frame reaching `start`
         last = (stop - 1) // self.hop  # the last frame starting before `stop`
-        lo = first * self.hop
-        block = sharpened_frames(self.source.read(lo, last * self.hop + self.window), self.strength, self.window)
+        lo, margin = first * self.hop, CONTEXT_FRAMES * self.hop  # the frames' neighbours set their band gains
+        block = sharpened_frames(self.source.read(lo - margin, last * self.hop + self.window + margin),
+                                 self.strength, self.window, self.rate)
         return _place(block, lo, start, stop, self.length)
 
 

@@ -29,6 +29,7 @@ import torchaudio
 
 from vqtok.nets.audio import INPUT_GAIN
 from vqtok.nets.spectral import compress
+from vqtok.speech import stoi_bands
 
 # Weight of the log-mel term against the waveform squared error, measured at the nets' scale (INPUT_GAIN).
 MEL_WEIGHT = 0.002
@@ -47,11 +48,9 @@ SPECTRAL_FLOOR = 1e-5
 # enhancement), which rewards the waveform's phase where the signal has energy.
 COMPLEX_WINDOW = 1024
 COMPLEX_WEIGHT = 2.0
-# `FrameEnvelopeError`, after STOI (Taal et al. 2011): 15 third-octave bands from 150 Hz, 32 ms windows (STOI's
-# 25.6 ms at 10 kHz, rounded to a power of two), energy measured over 384 ms segments and floored
-# ENVELOPE_RANGE_DB below its loudest (STOI drops frames more than 40 dB below the loudest).
-ENVELOPE_BANDS = 15
-ENVELOPE_LOW_HZ = 150.0
+# `FrameEnvelopeError`, after STOI (Taal et al. 2011): STOI's third-octave bands (vqtok.speech.stoi_bands), 32 ms
+# windows (STOI's 25.6 ms at 10 kHz, rounded to a power of two), energy measured over 384 ms segments and
+# floored ENVELOPE_RANGE_DB below its loudest (STOI drops frames more than 40 dB below the loudest).
 ENVELOPE_WINDOW = 0.032
 ENVELOPE_SPAN = 0.384
 ENVELOPE_RANGE_DB = 40.0
@@ -134,10 +133,10 @@ def add_to_frames(out: torch.Tensor, error: torch.Tensor, column_hop: int, hop: 
 
 class FrameEnvelopeError:
     """How far an output's band envelopes stray from a target's, per code frame, the way STOI judges
-    intelligibility: magnitudes in ENVELOPE_BANDS third-octave bands from ENVELOPE_LOW_HZ (STOI's bands; those
-    past the Nyquist frequency dropped), ENVELOPE_WINDOW-second Hann windows a quarter window apart; each
-    column's squared difference divided by the target's band energy around it (mean over ENVELOPE_SPAN
-    seconds, STOI's segment, floored ENVELOPE_RANGE_DB below its loudest) and averaged over bands. So each band
+    intelligibility: magnitudes in STOI's third-octave bands (vqtok.speech.stoi_bands; those past the Nyquist
+    frequency dropped), ENVELOPE_WINDOW-second Hann windows a quarter window apart; each column's squared
+    difference divided by the target's band energy around it (mean over ENVELOPE_SPAN seconds, STOI's
+    segment, floored ENVELOPE_RANGE_DB below its loudest) and averaged over bands. So each band
     and stretch of speech weighs alike, in linear magnitudes where a log-mel error weighs the quiet gaps between
     harmonics as much as the harmonics. Called on (B, 1, T) outputs -> (B, T // hop), located as
     `FrameLogMelError` locates its error."""
@@ -147,10 +146,7 @@ class FrameEnvelopeError:
         self.frames, self.hop = target.shape[-1] // hop, hop
         self.n_fft = 2 ** round(math.log2(ENVELOPE_WINDOW * sample_rate))
         self.window = torch.hann_window(self.n_fft, device=target.device)
-        bins = torch.fft.rfftfreq(self.n_fft, 1 / sample_rate).to(target.device)
-        centres = ENVELOPE_LOW_HZ * 2 ** (torch.arange(ENVELOPE_BANDS, device=target.device) / 3)
-        bands = ((bins >= centres[:, None] * 2 ** (-1 / 6)) & (bins < centres[:, None] * 2 ** (1 / 6))).float()
-        self.bands = bands[bands.sum(1) > 0]  # (bands, bins)
+        self.bands = stoi_bands(self.n_fft, sample_rate, target.device)  # (bands, bins)
         self.target = self.envelopes(target)  # (1, bands, columns)
         span = 2 * round(ENVELOPE_SPAN * sample_rate / (self.n_fft // 4) / 2) + 1  # columns, odd
         energy = F.avg_pool1d(self.target.pow(2), span, 1, span // 2, count_include_pad=False)
