@@ -17,7 +17,8 @@ from vqtok.errors import VqtokError
 from vqtok.evaluate import AudioEvaluator
 from vqtok.jobs.audiostream import PostfilteredSignal, WaveSignal, decoded_signal, postfiltered, resampled_length
 from vqtok.nets.tokenizer import Tokenizer
-from vqtok.postfilter import check_strength, window_length
+from vqtok.postfilter import BAND_MIN_POWER, BAND_PULL, MIN_GAIN, band_correction, check_strength, window_length
+from vqtok.speech import stoi_bands
 
 RATE = 16000
 F0 = 200.0
@@ -56,6 +57,53 @@ def test_sharpening_lifts_harmonics_over_noise_at_the_same_loudness() -> None:
     assert float(out.square().sum() / noisy.square().sum()) == pytest.approx(1.0, abs=0.1)
     # Stronger sharpening, more contrast.
     assert harmonic_to_rest_db(postfiltered(noisy, RATE, 0.6)) > harmonic_to_rest_db(out)
+
+
+def band_energy_ratio(out: torch.Tensor, wave: torch.Tensor, low_hz: int, high_hz: int) -> float:
+    """Energy of `out` over that of `wave` between the two frequencies, in their middle second."""
+    def energy(x: torch.Tensor) -> float:
+        power = torch.fft.rfft(x[0, RATE // 2: RATE // 2 + RATE] * torch.hann_window(RATE)).abs().square()
+        return float(power[low_hz:high_hz].sum())  # 1 Hz bins
+
+    return energy(out) / energy(wave)
+
+
+def test_stoi_bands_lose_at_most_7_db_while_higher_bins_are_cut_to_the_minimum_gain() -> None:
+    # Five loud harmonics up to 1 kHz over noise 30 dB down: sharpening cuts the noise everywhere else, but
+    # within STOI's bands (up to 4.3 kHz) a band's energy falls by BAND_MIN_POWER at most.
+    t = torch.arange(2 * RATE) / RATE
+    buzz = sum(torch.sin(2 * math.pi * k * F0 * t) / k for k in range(1, 6))
+    buzz = 0.3 * buzz / buzz.abs().max()
+    noise = torch.randn(len(t), generator=torch.Generator().manual_seed(0))
+    wave = (buzz + noise * buzz.pow(2).mean().sqrt() * 10 ** (-30 / 20))[None]
+    out = postfiltered(wave, RATE, 0.3)
+    assert band_energy_ratio(out, wave, 2500, 3500) == pytest.approx(BAND_MIN_POWER, rel=0.02)
+    assert band_energy_ratio(out, wave, 5000, 7000) == pytest.approx(MIN_GAIN**2, rel=0.02)
+    assert band_energy_ratio(out, wave, 150, 1100) == pytest.approx(1.0, abs=0.02)
+
+
+def test_band_energy_changes_are_pulled_towards_their_neighbourhood() -> None:
+    # Nine flat frames whose sharpening gain halves one band's amplitude in odd frames (energy x 0.25): a
+    # middle odd frame's change is pulled BAND_PULL of the way (in dB) to the mean over 7 frames, 4 x 1 and
+    # 3 x 0.25 (energy-weighted, and the frames' energies are equal); other bands and bins are untouched.
+    window = 2048
+    bands = stoi_bands(window, RATE)
+    band = bands[10].bool()
+    power = torch.ones(1, 9, window // 2 + 1, dtype=torch.float64)
+    gain = torch.ones_like(power)
+    gain[:, 1::2, band] = 0.5
+    factor = band_correction(power, gain, window, RATE)
+    change = 0.25
+    slow = (4 * 1.0 + 3 * change) / 7
+    expected = math.sqrt(change * (slow / change) ** BAND_PULL / change)
+    torch.testing.assert_close(factor[0, 3, band], torch.full((int(band.sum()),), expected, dtype=torch.float64))
+    torch.testing.assert_close(factor[0, 3, ~band], torch.ones(int((~band).sum()), dtype=torch.float64))
+    # An even frame (no change of its own) is pulled down towards the odd frames around it.
+    assert float(factor[0, 4, band][0]) < 1.0
+    # A band cut deeper than BAND_MIN_POWER is held there.
+    gain[:, :, band] = 0.1
+    torch.testing.assert_close(band_correction(power, gain, window, RATE)[0, :, band],
+                               torch.full((9, int(band.sum())), math.sqrt(BAND_MIN_POWER / 0.01), dtype=torch.float64))
 
 
 def test_no_strength_is_the_input_and_level_only_scales_the_output() -> None:
