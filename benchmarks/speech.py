@@ -4,8 +4,9 @@
     python benchmarks/speech.py runs/speech/model.safetensors --clips 10 --out /tmp/speech
     python benchmarks/speech.py models/speech/model.safetensors --refine 0     # no refined rows: a minute or two
 
-Clips: the first --clips audio files under --data (sorted by path), mono, at 16 kHz (resampled when a file is
-not). Each row's rate is that of its real files, 8 * bytes / the clip's duration, averaged over clips:
+Clips: the first --clips audio files under --data (sorted by path) after the first --skip, mono, at 16 kHz
+(resampled when a file is not). `--clips 12 --skip 30` scores the speakers after the default 30 clips' three.
+Each row's rate is that of its real files, 8 * bytes / the clip's duration, averaged over clips:
 
 - vqtok, for every stage count 1..S: `AudioEvaluator` builds in memory the `.vqt` file `vqtok encode` would
   write (`--codec packed`, and `--codec entropy` with the model's code table: `kbps_entropy`); the nominal rate
@@ -107,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("model", type=Path, help="a vqtok audio model (model.safetensors)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of speech (default: LibriSpeech test-other)")
     p.add_argument("--clips", type=int, default=30, help="use the first N files, sorted by path (default 30)")
+    p.add_argument("--skip", type=int, default=0, help="pass over the first N files, sorted by path (default 0)")
     p.add_argument("--other", type=Path, default=DEFAULT_OTHER,
                    help="speech of another corpus and rate for the generalisation rows (default: %(default)s)")
     p.add_argument("--refine", type=int, default=50, help="refinement steps of the refined rows; 0: none (default 50)")
@@ -124,13 +126,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_clips(folder: Path, count: int) -> list[Clip]:
-    """The first `count` audio files under `folder` (sorted by path), at RATE."""
+def load_clips(folder: Path, count: int, skip: int = 0) -> list[Clip]:
+    """The first `count` audio files under `folder` (sorted by path) after the first `skip`, at RATE."""
     modality, paths = data.find_inputs([folder])
     if modality != "audio":
         raise SystemExit(f"error: {folder} holds images, not audio")
     clips = []
-    for path in sorted(paths)[:count]:
+    for path in sorted(paths)[skip:skip + count]:
         rate, frames, _ = data.audio_info(path)
         clips.append(Clip(path, data.relative_namer([folder])(path), data.load_audio(path, RATE)[0],
                           frames / rate))
@@ -369,6 +371,8 @@ def main() -> None:
     args = parse_args()
     if args.clips < 1:
         raise SystemExit("error: --clips must be at least 1")
+    if args.skip < 0:
+        raise SystemExit(f"error: --skip must be >= 0, got {args.skip}")
     if args.refine < 0 or args.search < 0:
         raise SystemExit("error: --refine and --search must be >= 0")
     if not 0.0 <= args.postfilter <= 1.0:
@@ -380,9 +384,11 @@ def main() -> None:
               file=sys.stderr)
         return
     try:
-        clips = load_clips(args.data, args.clips)
+        clips = load_clips(args.data, args.clips, args.skip)
     except VqtokError as err:
         raise SystemExit(f"error: {err}") from None
+    if not clips:
+        raise SystemExit(f"error: {args.data} has no audio files after the first {args.skip}")
     seconds = sum(clip.seconds for clip in clips)
     print(f"{len(clips)} clips, {seconds:.1f} s, from {args.data}", file=sys.stderr)
     for name in speech.missing_packages():
@@ -405,8 +411,8 @@ def main() -> None:
     print_table(rows, title)
     other = generalisation_rows(args.model, args.other, rows, args.device, chosen_codes, args.postfilter)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"data": str(args.data), "clips": [clip.source for clip in clips], "seconds": seconds, "model": info,
-              "refine": args.refine, "search": args.search, "postfilter": args.postfilter,
+    result = {"data": str(args.data), "skip": args.skip, "clips": [clip.source for clip in clips], "seconds": seconds,
+              "model": info, "refine": args.refine, "search": args.search, "postfilter": args.postfilter,
               "packages": {name: _version(name) for name in speech.PACKAGES},
               "tools": {tool: shutil.which(tool) for tools, _ in TOOLS.values() for tool in tools}, "rows": rows,
               "other": other, "spectrograms": spectrograms(clips[0], rows, firsts, args.out / "speech_spectrograms.png")}

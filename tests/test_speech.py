@@ -223,6 +223,13 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     with pytest.raises(SystemExit, match="--postfilter must be between 0 and 1, got 1.5"):
         monkeypatch.setattr(sys, "argv", [*args, "--postfilter", "1.5"])
         bench.main()
+    with pytest.raises(SystemExit, match="--skip must be >= 0, got -1"):
+        monkeypatch.setattr(sys, "argv", [*args, "--skip", "-1"])
+        bench.main()
+    with pytest.raises(SystemExit, match="has no audio files after the first 2"):
+        monkeypatch.setattr(sys, "argv", [*args, "--skip", "2"])
+        bench.main()
+    assert [clip.source for clip in bench.load_clips(clips, 5, skip=1)] == ["sub/talk.flac"]
     monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5", "--search", "3",
                                       "--search-stages", "1,9"])
     bench.main()
