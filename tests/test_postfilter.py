@@ -113,6 +113,8 @@ def test_no_strength_is_the_input_and_level_only_scales_the_output() -> None:
                                atol=1e-6, rtol=1e-4)
     silence = torch.zeros(1, RATE)
     assert torch.equal(postfiltered(silence, RATE, 0.3), silence)
+    # Near silence (band energies of denormal size) stays finite.
+    assert torch.isfinite(postfiltered(1e-22 * noisy, RATE, 0.3)).all()
 
 
 @pytest.mark.parametrize("step", [777, 5000])

@@ -97,18 +97,18 @@ def sharpened_frames(block: torch.Tensor, strength: float, window: int, rate: in
 def band_correction(power: torch.Tensor, gain: torch.Tensor, window: int, rate: int) -> torch.Tensor:
     """The per-bin factor (C, frames, bins) on `gain` that slows and bounds each STOI band's change of energy
     (BAND_SPAN_FRAMES, BAND_PULL, BAND_MIN_POWER), for frames' `power` spectra (C, frames, bins); bins outside
-    the bands get 1."""
+    the bands get 1. Worked in logarithms, floored at the dtype's smallest normal number, so silent bands
+    (no change) and near-silent ones stay finite."""
+    tiny = torch.finfo(power.dtype).tiny
     bands = stoi_bands(window, rate, power.device).to(power.dtype)  # (bands, bins)
     before, after = power @ bands.T, (power * gain.square()) @ bands.T  # (C, frames, bands)
-    silent = before == 0
-    change = torch.where(silent, 1.0, after / before.masked_fill(silent, 1.0))
+    change = after.clamp_min(tiny).log() - before.clamp_min(tiny).log()
     # Energy-weighted over the span: silence (and the frames past a signal's ends) weighs nothing.
     span = (BAND_SPAN_FRAMES, 1)
     before_sum = F.avg_pool2d(before, span, 1, (CONTEXT_FRAMES, 0), count_include_pad=False)
     after_sum = F.avg_pool2d(after, span, 1, (CONTEXT_FRAMES, 0), count_include_pad=False)
-    quiet = before_sum == 0
-    slow = torch.where(quiet, 1.0, after_sum / before_sum.masked_fill(quiet, 1.0))
-    pulled = change * (slow / change).pow(BAND_PULL)
-    factor = (pulled.clamp_min(BAND_MIN_POWER) / change).sqrt()  # (C, frames, bands)
+    slow = after_sum.clamp_min(tiny).log() - before_sum.clamp_min(tiny).log()
+    pulled = (change + BAND_PULL * (slow - change)).clamp_min(math.log(BAND_MIN_POWER))
+    factor = (0.5 * (pulled - change)).exp()  # (C, frames, bands)
     # Bins outside every band keep their gain.
     return factor @ bands + (1.0 - bands.sum(0))
