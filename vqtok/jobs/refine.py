@@ -64,11 +64,12 @@ SEARCH_SWEEPS = 2
 # The search's error: the log-mel error with its floor SEARCH_RANGE_DB below the window's loudest bin, plus
 # SEARCH_ENVELOPE_WEIGHT times the STOI-like band envelope error (`FrameEnvelopeError`). Measured on the shipped
 # speech model at one stage, refined 50 steps and 32 candidates, 10 LibriSpeech test-other clips (PESQ-wb /
-# STOI, then with `--postfilter 0.3`): log-mel error alone 1.312 / 0.816, 1.406 / 0.810; floors 30, 40 and
-# 50 dB down 1.357 / 0.817, 1.346 / 0.818, 1.338 / 0.818, postfiltered 1.446 / 0.813, 1.450 / 0.813, 1.422 /
-# 0.813; 40 dB with the envelope error at weights 0.15, 0.3, 1 and 3: 1.347 / 0.831, 1.342 / 0.833, 1.317 /
-# 0.832, 1.303 / 0.832, postfiltered 1.439 / 0.828, 1.431 / 0.830, 1.410 / 0.829, 1.380 / 0.828. Weighting
-# frames by loudness instead (1.316 / 0.812) or adding compressed-magnitude errors (1.334 / 0.817) did less.
+# STOI, then with `--postfilter 0.3`, sharpening only): log-mel error alone 1.312 / 0.816, 1.406 / 0.810;
+# floors 30, 40 and 50 dB down 1.357 / 0.817, 1.346 / 0.818, 1.338 / 0.818, postfiltered 1.446 / 0.813, 1.450 /
+# 0.813, 1.422 / 0.813; 40 dB with the envelope error at weights 0.15, 0.3, 1 and 3: 1.347 / 0.831, 1.342 /
+# 0.833, 1.317 / 0.832, 1.303 / 0.832, postfiltered 1.439 / 0.828, 1.431 / 0.830, 1.410 / 0.829, 1.380 / 0.828.
+# Weighting frames by loudness instead (1.316 / 0.812) or adding compressed-magnitude errors (1.334 / 0.817)
+# did less.
 SEARCH_RANGE_DB = 40.0
 SEARCH_ENVELOPE_WEIGHT = 0.15
 # Candidate outputs decoded in one batch: bounds memory (a batch of 10 s windows), not the result.
