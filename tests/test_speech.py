@@ -216,19 +216,13 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
     spec.loader.exec_module(bench)
     out = tmp_path / "results"
     args = ["speech.py", str(model_path), "--data", str(clips), "--clips", "2", "--out", str(out), "--device", "cpu"]
-    monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "2,5"])
-    with pytest.raises(SystemExit, match="--refine-stages must be comma-separated"):
-        monkeypatch.setattr(sys, "argv", [*args, "--refine-stages", "two"])
-        bench.main()
-    with pytest.raises(SystemExit, match="--postfilter must be between 0 and 1, got 1.5"):
-        monkeypatch.setattr(sys, "argv", [*args, "--postfilter", "1.5"])
-        bench.main()
-    with pytest.raises(SystemExit, match="--skip must be >= 0, got -1"):
-        monkeypatch.setattr(sys, "argv", [*args, "--skip", "-1"])
-        bench.main()
-    with pytest.raises(SystemExit, match="has no audio files after the first 2"):
-        monkeypatch.setattr(sys, "argv", [*args, "--skip", "2"])
-        bench.main()
+    for bad, message in ((["--refine-stages", "two"], "--refine-stages must be comma-separated"),
+                         (["--postfilter", "1.5"], "--postfilter must be between 0 and 1, got 1.5"),
+                         (["--skip", "-1"], "--skip must be >= 0, got -1"),
+                         (["--skip", "2"], "has no audio files after the first 2")):
+        monkeypatch.setattr(sys, "argv", [*args, *bad])
+        with pytest.raises(SystemExit, match=message):
+            bench.main()
     assert [clip.source for clip in bench.load_clips(clips, 5, skip=1)] == ["sub/talk.flac"]
     monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5", "--search", "3",
                                       "--search-stages", "1,9"])
