@@ -156,8 +156,9 @@ RECIPES: dict[str, Recipe] = {
         description="16 kHz speech",
         train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--audio-net", "stft",
                "--synthesis-frames", "2", "--channels", "384", "--res-blocks", "6", "--code-dim", "8",
-               "--audio-loss", "complex", "--segment-seconds", "0.5", "--steps", "16000", "--warmup", "200",
-               "--checkpoint-every", "1000", "--num-workers", "0", "--device", "cpu"),
+               "--audio-loss", "complex", "--segment-seconds", "0.5", "--speed-perturb", "0.1",
+               "--gain-perturb-db", "6", "--steps", "28000", "--warmup", "200", "--checkpoint-every", "1000", "--precision", "bf16",
+               "--num-workers", "0", "--device", "cpu"),
         heldout="../shared/data/librispeech/test-other",
         sample="samples/heldout/speech",
         data="LibriSpeech train-clean-100 (Panayotov, Chen, Povey, Khudanpur 2015): one read-speech clip from each "
@@ -174,9 +175,9 @@ RECIPES: dict[str, Recipe] = {
                      "of audio and stage); `vqtok decode --postfilter 0.3` sharpens the sound at no cost in bits "
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
-                  "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5", "--steps",
-                  "1200", "--lr", "1e-4", "--warmup", "50", "--checkpoint-every", "200", "--num-workers", "0",
-                  "--device", "cpu"),
+                  "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5",
+                  "--speed-perturb", "0.1", "--gain-perturb-db", "6", "--steps", "1500", "--lr", "1e-4", "--warmup",
+                  "50", "--checkpoint-every", "250", "--precision", "bf16", "--num-workers", "0", "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. On the first 30 LibriSpeech test-other "

@@ -159,6 +159,9 @@ class TrainConfig:
     feature matching to the generator's loss (see training/adversarial.py). The default weights are DAC's,
     against the spectral loss's mel weight of 15. disc_filters: the discriminator's width in every layer
     (EnCodec's 32); its CPU cost grows with it (one thread, 8 x 0.5 s at 16 kHz: 4.6 s a step at 32, 0.96 s at 8).
+    speed_perturb / gain_perturb_db: audio only; each training segment plays at a random speed within
+    1 +- speed_perturb (pitch and formants move with it) and is scaled by a random gain within +- gain_perturb_db
+    (see data/streams.py's AudioSegments); 0 = off.
     """
 
     steps: int = 3000
@@ -178,6 +181,8 @@ class TrainConfig:
     adversarial_weight: float = 1.0
     feature_weight: float = 2.0
     disc_filters: int = 32
+    speed_perturb: float = 0.0
+    gain_perturb_db: float = 0.0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
 
@@ -195,6 +200,8 @@ class TrainConfig:
                f"adversarial-from must be 0 (off) or a step below --steps {self.steps}, got {self.adversarial_from}")
         _check(self.adversarial_weight >= 0 and self.feature_weight >= 0, "adversarial weights must be >= 0")
         _check(self.disc_filters >= 1, f"discriminator filters must be >= 1, got {self.disc_filters}")
+        _check(0 <= self.speed_perturb <= 0.5, f"speed perturbation must be in [0, 0.5], got {self.speed_perturb}")
+        _check(0 <= self.gain_perturb_db <= 40, f"gain perturbation must be in [0, 40] dB, got {self.gain_perturb_db}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -38,7 +38,8 @@ _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "w
           "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
           "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
           "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight",
-          "disc_filters": "disc_filters", "precision": "precision",
+          "disc_filters": "disc_filters", "speed_perturb": "speed_perturb", "gain_perturb_db": "gain_perturb_db",
+          "precision": "precision",
           "device": "device"}
 
 

@@ -207,27 +207,45 @@ class AudioSegments(_FileItems):
     The offset is uniform over the file; a file shorter than the segment is placed at a random offset in
     silence (`pad_short`) or returned whole and unpadded (validation). Only the frames needed are read and
     resampled (with a margin for the resampler's kernel).
+
+    Augmentation (training only), both drawn per segment from the item's seed:
+      - speed_perturb p: the segment plays at a speed 1 + k/100 for a uniform integer k in [-100p, 100p] (read
+        at a rate scaled by that factor, so pitch and formants move with it: new voices from the same speech,
+        as ASR's speed perturbation, Ko et al. 2015);
+      - gain_db g: scaled by a uniform gain in [-g, g] dB, then down to a peak of 1 if it would clip.
     """
 
     # Extra input frames read on each side when resampling, so the sinc kernel sees real samples.
     RESAMPLE_MARGIN = 64
 
-    def __init__(self, files: Sequence[AudioFile], rate: int, length: int, pad_short: bool = True):
+    def __init__(self, files: Sequence[AudioFile], rate: int, length: int, pad_short: bool = True,
+                 speed_perturb: float = 0.0, gain_db: float = 0.0):
         super().__init__([f.path for f in files])
         self.files = {f.path: f for f in files}
         self.rate, self.length, self.pad_short = rate, length, pad_short
+        self.speed_steps, self.gain_db = round(100 * speed_perturb), gain_db
 
     def make(self, path: str, rng: np.random.Generator) -> torch.Tensor:
+        # Draws happen only when augmenting, so runs without it see the segments they always did.
+        speed = 100 + int(rng.integers(-self.speed_steps, self.speed_steps + 1)) if self.speed_steps else 100
+        wave = self._segment(path, rng, speed)
+        if self.gain_db:
+            wave = wave * 10 ** (float(rng.uniform(-self.gain_db, self.gain_db)) / 20)
+            wave = wave / wave.abs().max().clamp_min(1.0)
+        return wave
+
+    def _segment(self, path: str, rng: np.random.Generator, speed: int) -> torch.Tensor:
+        """The segment at `speed` / 100 times the file's speed."""
         info = self.files[path]
-        needed = math.ceil(self.length * info.rate / self.rate)  # frames at the file's rate
+        needed = math.ceil(self.length * info.rate * speed / (100 * self.rate))  # frames at the file's rate
         out = torch.zeros(1, self.length)
         if info.frames >= needed:
             start = int(rng.integers(info.frames - needed + 1))
-            wave = self._read(path, info, start, needed)
+            wave = self._read(path, info, start, needed, speed)
             n = min(wave.shape[1], self.length)  # resampling can round one sample short
             out[0, :n] = wave[0, :n]
             return out
-        wave = self._read(path, info, 0, info.frames)
+        wave = self._read(path, info, 0, info.frames, speed)
         if not self.pad_short:
             return wave
         n = min(wave.shape[1], self.length)
@@ -235,10 +253,12 @@ class AudioSegments(_FileItems):
         out[0, offset:offset + n] = wave[0, :n]
         return out
 
-    def _read(self, path: str, info: AudioFile, start: int, frames: int) -> torch.Tensor:
-        """Frames [start, start + frames) at the file's rate -> mono float32 (1, T) at self.rate, T >= length
-        when the file holds enough audio."""
-        margin = self.RESAMPLE_MARGIN if info.rate != self.rate else 0
+    def _read(self, path: str, info: AudioFile, start: int, frames: int, speed: int) -> torch.Tensor:
+        """Frames [start, start + frames) at the file's rate -> mono float32 (1, T) at self.rate, played at
+        `speed` / 100 of the file's speed; T >= length when the file holds enough audio."""
+        # Reading at rate * speed / 100 and resampling to self.rate plays the audio speed / 100 times as fast.
+        source, target = info.rate * speed, self.rate * 100
+        margin = self.RESAMPLE_MARGIN if source != target else 0
         lo, hi = max(0, start - margin), min(info.frames, start + frames + margin)
         try:
             block, _ = sf.read(path, start=lo, stop=hi, dtype="float32", always_2d=True)
@@ -248,7 +268,8 @@ class AudioSegments(_FileItems):
             raise VqtokError(f"{path}: audio holds NaN or infinite samples")
         wave = torch.from_numpy(np.ascontiguousarray(block.T)).mean(0, keepdim=True)
         if margin:
-            wave = AF.resample(wave, info.rate, self.rate)
-            skip = round((start - lo) * self.rate / info.rate)
+            common = math.gcd(source, target)
+            wave = AF.resample(wave, source // common, target // common)
+            skip = round((start - lo) * target / source)
             wave = wave[:, skip:]
         return wave.clamp_(-1.0, 1.0)

@@ -53,7 +53,8 @@ class AudioTask:
         self.loss = train_config.audio_loss
         segment = segment_samples(train_config, self.sample_rate, self.hop)
         train_files = [files[i] for i in train_idx]
-        self.train_data = AudioSegments(train_files, self.sample_rate, segment)
+        self.train_data = AudioSegments(train_files, self.sample_rate, segment, speed_perturb=train_config.speed_perturb,
+                                        gain_db=train_config.gain_perturb_db)
         self.weights = torch.tensor([f.frames / f.rate for f in train_files], dtype=torch.float64)
         val_files = [files[i] for i in (val_idx or train_idx[:FALLBACK_VAL_FILES])]
         self.val_data = AudioSegments(val_files, self.sample_rate, round(VAL_SECONDS * self.sample_rate),

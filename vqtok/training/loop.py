@@ -141,6 +141,8 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     if train_config.adversarial_from and modality != "audio":
         raise VqtokError("--adversarial-from is for audio models only (its discriminator reads spectrograms); "
                          "these files are images")
+    if (train_config.speed_perturb or train_config.gain_perturb_db) and modality != "audio":
+        raise VqtokError("--speed-perturb and --gain-perturb-db are for audio models only; these files are images")
     status(f"found {len(paths)} {modality} files")
     task: Task = ImageTask(paths, model_config, train_config) if modality == "image" else \
         AudioTask(paths, model_config, train_config)
