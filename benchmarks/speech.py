@@ -4,8 +4,9 @@
     python benchmarks/speech.py runs/speech/model.safetensors --clips 10 --out /tmp/speech
     python benchmarks/speech.py models/speech/model.safetensors --refine 0     # no refined rows: a minute or two
 
-Clips: the first --clips audio files under --data (sorted by path) after the first --skip, mono, at 16 kHz
-(resampled when a file is not). `--clips 12 --skip 30` scores the speakers after the default 30 clips' three.
+Clips: --clips audio files under --data taken in turn from each folder (a speaker, in LibriSpeech): the first
+file of every folder, then the second, and so on (sorted by path), after the first --skip in that order; mono,
+at 16 kHz (resampled when a file is not). On test-other's 10 speakers the default 30 clips are 3 of each.
 Each row's rate is that of its real files, 8 * bytes / the clip's duration, averaged over clips:
 
 - vqtok, for every stage count 1..S: `AudioEvaluator` builds in memory the `.vqt` file `vqtok encode` would
@@ -107,8 +108,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="a vqtok audio model (model.safetensors)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of speech (default: LibriSpeech test-other)")
-    p.add_argument("--clips", type=int, default=30, help="use the first N files, sorted by path (default 30)")
-    p.add_argument("--skip", type=int, default=0, help="pass over the first N files, sorted by path (default 0)")
+    p.add_argument("--clips", type=int, default=30,
+                   help="use N files, taken in turn from each folder (speaker) (default 30)")
+    p.add_argument("--skip", type=int, default=0, help="pass over the first N files in that order (default 0)")
     p.add_argument("--other", type=Path, default=DEFAULT_OTHER,
                    help="speech of another corpus and rate for the generalisation rows (default: %(default)s)")
     p.add_argument("--refine", type=int, default=50, help="refinement steps of the refined rows; 0: none (default 50)")
@@ -126,13 +128,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def speaker_order(paths: list[Path]) -> list[Path]:
+    """`paths` taken in turn from each folder (sorted by path): every folder's first file, then every folder's
+    second... So the first N files spread over all speakers, not the first few speakers' whole folders."""
+    folders: dict[Path, list[Path]] = {}
+    for path in sorted(paths):
+        folders.setdefault(path.parent, []).append(path)
+    depth = max((len(files) for files in folders.values()), default=0)
+    return [files[i] for i in range(depth) for files in folders.values() if i < len(files)]
+
+
 def load_clips(folder: Path, count: int, skip: int = 0) -> list[Clip]:
-    """The first `count` audio files under `folder` (sorted by path) after the first `skip`, at RATE."""
+    """`count` audio files under `folder` in `speaker_order`, after the first `skip`, at RATE."""
     modality, paths = data.find_inputs([folder])
     if modality != "audio":
         raise SystemExit(f"error: {folder} holds images, not audio")
     clips = []
-    for path in sorted(paths)[skip:skip + count]:
+    for path in speaker_order(paths)[skip:skip + count]:
         rate, frames, _ = data.audio_info(path)
         clips.append(Clip(path, data.relative_namer([folder])(path), data.load_audio(path, RATE)[0],
                           frames / rate))

@@ -159,6 +159,35 @@ def test_segments_are_resampled_from_the_file_rate(tmp_path: Path) -> None:
     assert torch.allclose(segment, whole[start:start + 1600], atol=2e-3)
 
 
+def test_speed_and_gain_perturbation_move_pitch_and_level_within_their_bounds(tmp_path: Path) -> None:
+    t = np.arange(RATE * 2) / RATE
+    sf.write(tmp_path / "tone.wav", (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), RATE, subtype="FLOAT")
+    files, _ = read_audio_headers([tmp_path / "tone.wav"])
+    plain = AudioSegments(files, RATE, 8000)
+    speeds, gains = AudioSegments(files, RATE, 8000, speed_perturb=0.1), AudioSegments(files, RATE, 8000, gain_db=6)
+    window = torch.hann_window(8000, dtype=torch.float64)
+    peaks, levels = set(), []
+    for seed in range(40):
+        # Speed 1 + k/100 moves the tone to 1000 (1 + k/100) Hz: bin 1 + k/100 of 0.5 s is 2 Hz wide.
+        wave = speeds[(0, seed)][0][0].double()
+        hz = 2 * int(torch.fft.rfft(wave * window).abs().argmax())
+        assert 900 <= hz <= 1100 and hz % 10 == 0 and float(wave.std()) == pytest.approx(0.5 / math.sqrt(2), rel=0.02)
+        peaks.add(hz)
+        level = float(gains[(0, seed)][0].std() / plain[(0, seed)][0].std())
+        assert 10 ** (-6 / 20) - 1e-6 <= level <= 10 ** (6 / 20) + 1e-6
+        assert float(gains[(0, seed)][0].abs().max()) <= 1.0
+        levels.append(level)
+    assert len(peaks) > 8 and min(levels) < 0.7 and max(levels) > 1.4  # drawn, not fixed
+
+
+def test_perturbation_options_are_checked() -> None:
+    for config, message in ((TrainConfig(speed_perturb=0.6), "speed perturbation must be 0"),
+                            (TrainConfig(speed_perturb=0.004), "speed perturbation must be 0"),
+                            (TrainConfig(gain_perturb_db=-1), "gain perturbation must be in")):
+        with pytest.raises(VqtokError, match=message):
+            config.validate()
+
+
 def test_segment_length_is_whole_hops() -> None:
     assert segment_samples(TrainConfig(segment_seconds=1.0), 16000, 320) == 16000
     assert segment_samples(TrainConfig(segment_seconds=0.505), 16000, 320) == 8000

@@ -155,6 +155,8 @@ def test_eval_reports_quality(model_path: Path, images: Path) -> None:
         (["eval", "{tmp}/notes.txt", "{images}"], "notes.txt"),
         (["train", "{tmp}/empty", "--out", "{tmp}/run"], "no image or audio files"),
         (["train", "{images}", "--out", "{tmp}/run", "--downsample", "5"], "downsample"),
+        (["train", "{images}", "--out", "{tmp}/run", "--speed-perturb", "0.1"], "for audio models only"),
+        (["train", "{images}", "--out", "{tmp}/run", "--speed-perturb", "0.004"], "speed perturbation must be"),
         (["encode", "{model}", "{images}", "--out", "{tmp}/t", "--device", "cuda:7"], "cuda"),
     ],
 )

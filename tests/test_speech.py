@@ -224,6 +224,9 @@ def test_benchmark_end_to_end(model_path: Path, clips: Path, tmp_path: Path, mon
         with pytest.raises(SystemExit, match=message):
             bench.main()
     assert [clip.source for clip in bench.load_clips(clips, 5, skip=1)] == ["sub/talk.flac"]
+    tree = [Path(p) for p in ("a/1.flac", "a/2.flac", "a/3.flac", "b/1.flac", "c/1.flac", "c/2.flac")]
+    assert [str(p) for p in bench.speaker_order(tree[::-1])] == ["a/1.flac", "b/1.flac", "c/1.flac", "a/2.flac",
+                                                                  "c/2.flac", "a/3.flac"]
     monkeypatch.setattr(sys, "argv", [*args, "--refine", "2", "--refine-stages", "2,5", "--search", "3",
                                       "--search-stages", "1,9"])
     bench.main()

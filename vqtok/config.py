@@ -200,7 +200,9 @@ class TrainConfig:
                f"adversarial-from must be 0 (off) or a step below --steps {self.steps}, got {self.adversarial_from}")
         _check(self.adversarial_weight >= 0 and self.feature_weight >= 0, "adversarial weights must be >= 0")
         _check(self.disc_filters >= 1, f"discriminator filters must be >= 1, got {self.disc_filters}")
-        _check(0 <= self.speed_perturb <= 0.5, f"speed perturbation must be in [0, 0.5], got {self.speed_perturb}")
+        # Speeds move in steps of 1/100, so a bound below 0.01 would silently do nothing.
+        _check(self.speed_perturb == 0 or 0.01 <= self.speed_perturb <= 0.5,
+               f"speed perturbation must be 0 (off) or in [0.01, 0.5], got {self.speed_perturb}")
         _check(0 <= self.gain_perturb_db <= 40, f"gain perturbation must be in [0, 40] dB, got {self.gain_perturb_db}")
 
 
