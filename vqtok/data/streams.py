@@ -268,8 +268,7 @@ class AudioSegments(_FileItems):
             raise VqtokError(f"{path}: audio holds NaN or infinite samples")
         wave = torch.from_numpy(np.ascontiguousarray(block.T)).mean(0, keepdim=True)
         if margin:
-            common = math.gcd(source, target)
-            wave = AF.resample(wave, source // common, target // common)
+            wave = AF.resample(wave, source, target)  # it reduces the ratio by the common divisor itself
             skip = round((start - lo) * target / source)
             wave = wave[:, skip:]
         return wave.clamp_(-1.0, 1.0)
