@@ -169,8 +169,7 @@ RECIPES: dict[str, Recipe] = {
                      "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
                      "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
                      "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
-                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps on "
-                     "some speakers (not all: see the limits); "
+                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps; "
                      "at 1-2 stages `--refine 50 --search 32` also searches the codebooks (about 4 s per second "
                      "of audio and stage); `vqtok decode --postfilter 0.3` sharpens the sound at no cost in bits "
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
@@ -180,17 +179,13 @@ RECIPES: dict[str, Recipe] = {
                   "50", "--checkpoint-every", "250", "--precision", "bf16", "--num-workers", "0", "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
-               "scope. Any input is mixed to mono and resampled to 16 kHz. On the first 30 LibriSpeech test-other "
-               "clips (PESQ-wb / STOI), plain encoding scores 1.22 / 0.753 to 1.57 / 0.844: from 3 stages (1.6 "
-               "kbps) above every Codec 2 mode (up to 1.51 / 0.831 at 3.2 kbps), below Opus at 6 kbps (1.79 / "
-               "0.857). With `--refine 50`: 1.60 / 0.841 at 2 stages (1.1 kbps), 1.84 / 0.881 at 4 (2.1 kbps), "
-               "1.97 / 0.879 postfiltered. One stage (0.6 kbps) is rough: 1.22 plain, 1.45 / 0.833 with "
-               "`--refine 50 --search 32`, 1.52 / 0.833 postfiltered (above every Codec 2 mode, 3.2 kbps by "
-               "0.004 / 0.002); 2 stages searched: 1.75 / 0.882, 1.84 / 0.880 postfiltered. Those clips come "
-               "from three speakers; on the 12 after them (two other speakers) vqtok scores 0.08-0.16 PESQ lower "
-               "with refined or searched codes, below Opus at 6 kbps at every stage count and below Codec 2 "
-               "700C in PESQ at one stage, and the postfilter lowers PESQ of plain decodes (benchmarks/README.md, "
-               "Speech).",
+               "scope. Any input is mixed to mono and resampled to 16 kHz. On 3 LibriSpeech test-other clips of "
+               "each of its 10 speakers (PESQ-wb / STOI), plain encoding scores 1.25 / 0.753 to 1.64 / 0.849, "
+               "below Opus at 6 kbps (1.80 / 0.856); with `--refine 50` 4 stages (2.1 kbps) score 1.85 / 0.879 "
+               "and 8 stages 1.88 / 0.884, above it; 2 stages with `--refine 50 --search 32` (1.1 kbps) 1.78 / "
+               "0.875, above every Codec 2 mode (3.2 kbps: 1.62 / 0.835), and 1.82 / 0.873 postfiltered, above "
+               "Opus at 6 kbps. One stage (0.6 kbps) is rough: 1.25 plain, 1.45 / 0.825 searched, below Codec "
+               "2's 1200 bit/s mode in PESQ (1.46) and its 3200 in both (benchmarks/README.md, Speech).",
     ),
 }
 
