@@ -148,7 +148,7 @@ def _progress() -> Progress:
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout instead of tables.")]
 RefineOpt = Annotated[int, typer.Option(help="Audio: refine the codes N steps by analysis by synthesis (choose them for what the decoder makes of them): better sound at the same bitrate, slower encoding (shipped speech model, 50 steps: about a second per second of audio on two CPU cores) (0: plain nearest-code encode).")]
-PostfilterOpt = Annotated[float, typer.Option(help="Audio: sharpen the decoded sound's spectrum at this strength, 0 to 1 (a decoder-side postfilter, as speech codecs use; costs no bits): shipped speech model, 0.3: PESQ-wb +0.04 to +0.14, STOI at most -0.003 (0: the decoder's output as it is).")]
+PostfilterOpt = Annotated[float, typer.Option(help="Audio: sharpen the decoded sound's spectrum at this strength, 0 to 1 (a decoder-side postfilter, as speech codecs use; costs no bits): shipped speech model, 0.3: PESQ-wb +0.03 to +0.10 on refined or searched codes, STOI at most -0.007 (0: the decoder's output as it is).")]
 SearchOpt = Annotated[int, typer.Option(help="Audio: choose each stage's codes among its K nearest by how the decoded sound matches the input, frame by frame (a codebook search, as CELP speech codecs do; after --refine when both are given): better sound at the same bitrate, slow (shipped speech model, 32: about 4 seconds per second of audio and stage on two CPU cores) (0: no search).")]
 
 
