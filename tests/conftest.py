@@ -13,6 +13,12 @@ SAMPLES = ROOT / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `cuda` run where torch sees a GPU (`pytest -m cuda` selects them) and skip elsewhere."""
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 def copy_first(source: Path, pattern: str, count: int, folder: Path) -> Path:
     """Copy the first `count` files of `source` matching `pattern` (sorted) into `folder` (created); returns it."""
     folder.mkdir(parents=True, exist_ok=True)

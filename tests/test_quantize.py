@@ -421,7 +421,7 @@ def test_collective_upkeep_runs_in_a_process_group(tmp_path) -> None:
             assert torch.equal(a.indices, b.indices) and torch.allclose(a.z_q, b.z_q, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_training_step_under_bf16_autocast() -> None:
     vq = make(stages=2, estimator="rotation", affine="learned", sync_nu=0.2, kmeans_init=True, dead_code_steps=1,
               codebook_size=64).cuda().train()

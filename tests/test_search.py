@@ -12,7 +12,6 @@ from vqtok.quantize import search
 from vqtok.quantize.search import FAISS_MIN_ROWS, nearest
 
 CPU_BACKENDS = ["torch", "faiss", "auto"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -219,9 +218,10 @@ def test_bad_arguments(x: torch.Tensor, codebook: torch.Tensor, kwargs: dict, me
         nearest(x, codebook, **kwargs)
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "auto", "torch", "faiss"])
-@pytest.mark.parametrize(("n", "k", "d", "chunk"), [(9000, 9000, 16, None), (700, 300, 8, 13), (0, 5, 3, None)])
+@pytest.mark.parametrize(("n", "k", "d", "chunk"), [(9000, 9000, 16, None), (70000, 300, 8, None), (700, 300, 8, 13),
+                                                     (0, 5, 3, None)])
 def test_cuda(backend: str, n: int, k: int, d: int, chunk: int | None) -> None:
     x, codebook = randn(n, d, seed=19).cuda(), randn(k, d, seed=20).cuda()
     idx, dist = nearest(x, codebook, backend=backend, chunk=chunk)

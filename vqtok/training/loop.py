@@ -112,10 +112,16 @@ def train(
     """
     procs = distributed.start(train_config.device)
     try:
-        return _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume, init,
-                      default_workers() if num_workers is None else num_workers,
-                      on_progress if procs.main else None, (on_status or (lambda _m: None)) if procs.main
-                      else (lambda _m: None))
+        result = _train(procs, inputs, Path(out), model_config, train_config, size, sample_rate, resume, init,
+                        default_workers() if num_workers is None else num_workers,
+                        on_progress if procs.main else None, (on_status or (lambda _m: None)) if procs.main
+                        else (lambda _m: None))
+        # Rank 0 still fits the context tables, saves and validates after the others are done. A rank that tore
+        # down its gloo connections and exited meanwhile could abort in the transport's threads (seen in
+        # a test run: "terminate called without an active exception"), so every rank leaves together. On an
+        # error there is no waiting: torchrun stops the other ranks when one fails.
+        procs.barrier()
+        return result
     finally:
         procs.close()
 
