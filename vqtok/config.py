@@ -162,6 +162,9 @@ class TrainConfig:
     speed_perturb / gain_perturb_db: audio only; each training segment plays at a random speed within
     1 +- speed_perturb (pitch and formants move with it) and is scaled by a random gain within +- gain_perturb_db
     (see data/streams.py's AudioSegments); 0 = off.
+    single_stage: share of steps (0 to 1) that quantize with the first residual stage alone, on top of the model's
+    stage dropout: more of the decoder's training goes to the lowest bitrate (`encode --stages 1`). The draw is
+    seeded by the run's seed and the step, so it repeats on resume and agrees across processes.
     """
 
     steps: int = 3000
@@ -183,6 +186,7 @@ class TrainConfig:
     disc_filters: int = 32
     speed_perturb: float = 0.0
     gain_perturb_db: float = 0.0
+    single_stage: float = 0.0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
 
@@ -203,6 +207,7 @@ class TrainConfig:
         # Speeds move in steps of 1/100, so a bound below 0.01 would silently do nothing.
         _check(self.speed_perturb == 0 or 0.01 <= self.speed_perturb <= 0.5,
                f"speed perturbation must be 0 (off) or in [0.01, 0.5], got {self.speed_perturb}")
+        _check(0 <= self.single_stage <= 1, f"single-stage share must be in [0, 1], got {self.single_stage}")
         _check(0 <= self.gain_perturb_db <= 40, f"gain perturbation must be in [0, 40] dB, got {self.gain_perturb_db}")
 
 

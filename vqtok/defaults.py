@@ -39,7 +39,7 @@ _TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "w
           "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
           "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight",
           "disc_filters": "disc_filters", "speed_perturb": "speed_perturb", "gain_perturb_db": "gain_perturb_db",
-          "precision": "precision",
+          "single_stage": "single_stage", "precision": "precision",
           "device": "device"}
 
 

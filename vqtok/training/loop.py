@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,8 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
                          "these files are images")
     if (train_config.speed_perturb or train_config.gain_perturb_db) and modality != "audio":
         raise VqtokError("--speed-perturb and --gain-perturb-db are for audio models only; these files are images")
+    if train_config.single_stage and model_config.quantizer.stages == 1:
+        raise VqtokError("--single-stage needs a model with several residual stages; this one has 1")
     status(f"found {len(paths)} {modality} files")
     task: Task = ImageTask(paths, model_config, train_config) if modality == "image" else \
         AudioTask(paths, model_config, train_config)
@@ -210,6 +213,13 @@ def _run_configs(out: Path, paths: list[Path], modality: str, model_config: Mode
     return model_config, train_config
 
 
+def single_stage_step(config: TrainConfig, step: int) -> bool:
+    """Whether training step `step` quantizes with the first stage alone: on the share `config.single_stage` of
+    the steps, drawn from the seed and the step only, so a resumed run and every process agree."""
+    share = config.single_stage
+    return share > 0 and random.Random(config.seed * 1_000_003 + step).random() < share
+
+
 def _starting_model(init: str | Path, modality: str, size: int | None, sample_rate: int | None) -> Tokenizer:
     """The model a fine-tuning run starts from, after checking it fits the training files."""
     model = load(init)
@@ -263,9 +273,10 @@ class _Run:
         self.adversary = adversary
         self.config, self.out, self.workers, self.on_progress = config, out, workers, on_progress
         self.skipped: set[tuple[str, str]] = set(task.skipped)
-        # Stage dropout and the alternating inner step leave parameters out of some steps' graphs.
+        # Stage dropout, single-stage steps and the alternating inner step leave parameters out of some steps'
+        # graphs.
         q = model.config.quantizer
-        unused = q.alternate or (q.stages > 1 and q.stage_dropout > 0)
+        unused = q.alternate or (q.stages > 1 and (q.stage_dropout > 0 or config.single_stage > 0))
         self.net = procs.wrap(model, find_unused_parameters=unused)
 
     def _loader(self, dataset: Any, batches: Iterable[list[Any]], workers: int) -> DataLoader:
@@ -301,7 +312,7 @@ class _Run:
         self.skipped.update(batch.skipped)
         x = self.task.prepare(batch.inputs.to(self.procs.device, non_blocking=True))
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            out = self.net(x)
+            out = self.net(x, 1 if single_stage_step(self.config, step) else None)
         out = out._replace(recon=out.recon.float())
         recon = self.task.reconstruction_loss(out.recon, x)
         loss = recon + sum(out.losses.values())
