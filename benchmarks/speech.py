@@ -152,14 +152,16 @@ def load_clips(folder: Path, count: int, skip: int = 0) -> list[Clip]:
 
 
 def mean_scores(scores: list[dict]) -> dict:
-    """Means over clips of each score present; PESQ over the clips it accepted, with `pesq_skipped` beside it."""
+    """Means over clips of each score present, PESQ and STOI over the clips each accepted, with `pesq_skipped`
+    and `stoi_skipped` beside them."""
     out: dict = {}
     for key in SCORES:
         values = [s[key] for s in scores if s.get(key) is not None]
         if values:
             out[key] = float(np.mean(values))
-    if any("pesq_wb" in s for s in scores):
-        out["pesq_skipped"] = sum(s["pesq_wb"] is None for s in scores)
+    for key, skipped in (("pesq_wb", "pesq_skipped"), ("stoi", "stoi_skipped")):
+        if any(key in s for s in scores):
+            out[skipped] = sum(s[key] is None for s in scores)
     return out
 
 

@@ -18,7 +18,7 @@ from vqtok.cli import app
 from vqtok.jobs.pipeline import code_table
 from vqtok.modelfile import load, save_model
 from vqtok.tokens.context import ContextTable
-from vqtok.tokens.tokfile import FIXED_OVERHEAD_BYTES, header_bytes, read_tokens
+from vqtok.tokens.tokfile import FIXED_OVERHEAD_BYTES, header_bytes, read_tokens, write_tokens
 
 runner = CliRunner()
 TINY = ["--steps", "40", "--warmup", "5", "--batch-size", "16", "--channels", "32", "--code-dim", "16", "--codebook-size", "32",
@@ -159,6 +159,9 @@ def test_eval_reports_quality(model_path: Path, images: Path) -> None:
         (["train", "{images}", "--out", "{tmp}/run", "--speed-perturb", "0.1"], "for audio models only"),
         (["train", "{images}", "--out", "{tmp}/run", "--speed-perturb", "0.004"], "speed perturbation must be"),
         (["encode", "{model}", "{images}", "--out", "{tmp}/t", "--device", "cuda:7"], "cuda"),
+        (["eval", "{model}", "{images}", "--plot", "{tmp}/eval.jpg"], "eval.jpg"),
+        (["eval", "{model}", "{images}", "--plot", "{tmp}/nowhere/eval.png"], "nowhere"),
+        (["inspect", "{model}", "--data", "{images}", "--plot", "{tmp}/empty"], "is a folder"),
     ],
 )
 def test_user_errors_are_one_line_exit_1(args, message, model_path: Path, images: Path, tmp_path: Path) -> None:
@@ -171,10 +174,54 @@ def test_user_errors_are_one_line_exit_1(args, message, model_path: Path, images
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
 
 
-def test_bad_usage_exits_2() -> None:
+def test_bad_usage_exits_2(model_path: Path, images: Path) -> None:
     assert invoke("train").exit_code == 2
     assert invoke("encode", "--nonsense").exit_code == 2
     assert invoke("train", "x", "--out", "y", "--estimator", "magic").exit_code == 2
+    assert invoke("eval", model_path, images, "--batch-size", "0").exit_code == 2
+    assert invoke("inspect", model_path, "--data", images, "--top", "0").exit_code == 2
+    assert invoke("inspect", model_path, model_path, "--data", images).exit_code == 2
+
+
+def _token_file(path: Path, stages: int, codebook_size: int = 8, fingerprint: str = "0123456789abcdef") -> None:
+    codes = np.arange(stages * 9).reshape(stages, 3, 3) % codebook_size
+    write_tokens(path, codes, {"fingerprint": fingerprint, "modality": "image"}, codebook_size=codebook_size)
+
+
+def test_inspect_counts_every_stage_of_files_with_different_stage_counts(tmp_path: Path) -> None:
+    # Files of one model encoded with --stages 1 and 2, in either order: every stage of every file counts.
+    for first, second in (("a", "b"), ("b", "a")):
+        folder = tmp_path / first
+        folder.mkdir()
+        _token_file(folder / f"{first}.vqt", 1)
+        _token_file(folder / f"{second}.vqt", 2)
+        report = json.loads(invoke("inspect", folder, "--json").stdout)
+        assert report["tokens"] == 27 and [s["tokens"] for s in report["stages"]] == [18, 9]
+    _token_file(tmp_path / "a" / "odd.vqt", 1, codebook_size=16)
+    result = invoke("inspect", tmp_path / "a", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["tokens"] == 27
+    assert "odd.vqt: codebook size 16" in result.stderr
+
+
+def test_inspect_takes_several_sources_and_lists_top_codes(tmp_path: Path) -> None:
+    _token_file(tmp_path / "a.vqt", 2)
+    _token_file(tmp_path / "b.vqt", 1)
+    report = json.loads(invoke("inspect", tmp_path / "a.vqt", tmp_path / "b.vqt", "--top", "8", "--json").stdout)
+    assert report["files"] == 2 and report["tokens"] == 27
+    assert len(report["stages"][0]["top"]) == 8
+
+
+def test_inspect_model_data_resolves_the_model_past_a_folder_of_its_name(
+        images: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    sample = tmp_path / "few"
+    sample.mkdir()
+    for src in sorted(images.glob("*.png"))[:3]:
+        shutil.copy(src, sample / src.name)
+    result = invoke("inspect", "mnist", "--data", sample, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tokens"] == 3 * 49
 
 
 def test_help_shows_defaults() -> None:

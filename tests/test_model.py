@@ -38,6 +38,20 @@ def test_decode_of_encode_matches_forward_in_eval() -> None:
     assert torch.allclose(model.decode(model.encode(x)), out.recon.clamp(0, 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("x", [torch.rand(1, 3, 30, 32), torch.rand(3, 32, 32), torch.rand(1, 1, 32, 32),
+                               torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)])
+def test_encode_refuses_what_it_cannot_take_whole(x: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="expected images"):
+        Tokenizer(small_config()).eval().encode(x)
+
+
+@pytest.mark.parametrize("codes", [torch.full((1, 1, 4, 4), 16), torch.full((1, 1, 4, 4), -1),
+                                   torch.zeros(1, 3, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long)])
+def test_decode_refuses_codes_outside_the_model(codes: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="codes"):
+        Tokenizer(small_config(stages=2)).eval().decode(codes)
+
+
 def test_save_and_load_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model = Tokenizer(small_config(stages=2)).eval()

@@ -95,6 +95,14 @@ def test_pesq_refusing_silence_is_none_not_an_error() -> None:
     assert speech.speech_scores(silence, silence)["pesq_wb"] is None
 
 
+@pytest.mark.parametrize("seconds", [0.02, 0.3])
+def test_stoi_refusing_a_short_signal_is_none_not_a_score(voice: torch.Tensor, seconds: float) -> None:
+    # pystoi returns 1e-5 with a warning below 30 frames of sound (0.3 s) and raises on a few frames (20 ms).
+    pytest.importorskip("pystoi", reason="pystoi is not installed (pip install vqtok[speech])")
+    short = voice[5000:5000 + int(seconds * speech.SPEECH_RATE)]
+    assert speech.speech_scores(short, short)["stoi"] is None
+
+
 def test_score_gives_si_snr_and_the_delay(voice: torch.Tensor) -> None:
     result = speech.score(voice, 0.5 * torch.cat([torch.zeros(16), voice]))
     assert result["delay_ms"] == pytest.approx(1.0) and result["si_snr_db"] > 60
@@ -182,12 +190,27 @@ def test_eval_json_reports_token_file_kbps(model_path: Path, clips: Path, tmp_pa
         assert 1.0 <= metrics.get("pesq_wb", 1.0) <= 4.7 and metrics["pesq_skipped"] <= 2
 
 
+def test_eval_scores_stoi_over_the_files_it_accepts(model_path: Path, clips: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pystoi", reason="pystoi is not installed (pip install vqtok[speech])")
+    alone = json.loads(invoke("eval", model_path, clips, "--json").stdout)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(clips, mixed)
+    rng = np.random.default_rng(0)
+    for name, seconds in (("blip.wav", 0.02), ("short.wav", 0.3)):
+        sf.write(mixed / name, 0.1 * rng.standard_normal(int(seconds * 16000)), 16000)
+    result = invoke("eval", model_path, mixed, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["files"] == alone["files"] + 2 and metrics["stoi_skipped"] == 2 and alone["stoi_skipped"] == 0
+    assert metrics["stoi"] == pytest.approx(alone["stoi"])
+
+
 def test_eval_without_speech_packages_says_how_to_get_them(model_path: Path, clips: Path, monkeypatch) -> None:
     monkeypatch.setattr(speech, "missing_packages", lambda: ["pesq", "pystoi"])
     result = invoke("eval", model_path, clips, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert not {"pesq_wb", "stoi", "pesq_skipped"} & set(metrics) and "kbps_packed_file" in metrics
+    assert not {"pesq_wb", "stoi", "pesq_skipped", "stoi_skipped"} & set(metrics) and "kbps_packed_file" in metrics
     note = [line for line in result.stderr.splitlines() if "pip install vqtok[speech]" in line]
     assert len(note) == 1 and "PESQ and STOI" in note[0]
 

@@ -351,7 +351,8 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4g}")
+        # Counts (files, images, dead codes) in full; measures to 4 significant digits.
+        table.add_row(key, f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1e4 else f"{value:.4g}")
     out.print(table)
 
 
@@ -377,23 +378,27 @@ def _finish_run(report: Any, verb: str, json_out: bool) -> None:
 
 @app.command()
 def inspect(
-    source: Annotated[Path, typer.Argument(help="Token files/folder, or a model (a model.safetensors, its run folder, or a shipped model's name) with --data.")],
-    data: Annotated[Optional[list[Path]], typer.Option(help="With a model: encode these files/folders and count codes.")] = None,
+    sources: Annotated[list[Path], typer.Argument(help="Token files and folders, or with --data one model (a model.safetensors, its run folder, or a shipped model's name).", metavar="SOURCE...")],
+    data: Annotated[Optional[list[Path]], typer.Option(help="Encode these files/folders with the model SOURCE and count its codes.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="With token files: the model (file or shipped name), needed to read files written with --codec entropy.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG here.")] = None,
-    top: Annotated[int, typer.Option(help="How many of the most used codes to list.")] = 10,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a usage histogram PNG (stage 1) here.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="How many of the most used codes to list.")] = 10,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Codebook usage, dead codes, perplexity and entropy (bits/token) of token files or of a model on data."""
-    from vqtok import zoo
+    from vqtok import plots, zoo
     from vqtok.jobs import report as rep
 
+    if data and len(sources) > 1:
+        raise typer.BadParameter(f"with --data, give one model, not {len(sources)} sources", param_hint="SOURCE...")
     with _user_errors():
-        if zoo.means_a_model(source):
-            if not data:
-                raise VqtokError(f"{source} is a model: pass --data FOLDER to measure it on files")
-            result = rep.inspect_model(source, data, device=device)
+        if plot:
+            plots.check_destination(plot)
+        if data:
+            result = rep.inspect_model(sources[0], data, device=device, top=top)
+        elif len(sources) == 1 and zoo.means_a_model(sources[0]):
+            raise VqtokError(f"{sources[0]} is a model: pass --data FOLDER to measure it on files")
         else:
             table = None
             if model is not None:
@@ -401,32 +406,32 @@ def inspect(
                 from vqtok.jobs.pipeline import code_table
 
                 table = code_table(load(model))
-            result = rep.inspect_tokens([source], table=table)
+            result = rep.inspect_tokens(sources, table=table, top=top)
         if plot:
             rep.write_usage_plot(result, plot)
     _report_failures(result.failed)
     if json_out:
         _print_json(result.to_dict())
     else:
-        _print_usage_table(result, top, plot)
+        _print_usage_table(result, plot)
     _exit_if_skipped(result.failed)
 
 
-def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
+def _print_usage_table(result: Any, plot: Optional[Path]) -> None:
     bits = result.to_dict()["bits_per_code"]
     table = Table(title=f"codebook usage: {result.source} ({result.files} files, {result.tokens} tokens)")
-    for name in ("stage", "used", "usage", "dead", "perplexity", "entropy bits/token", "log2 K"):
+    for name in ("stage", "tokens", "used", "usage", "dead", "perplexity", "entropy bits/token", "log2 K"):
         table.add_column(name, justify="right")
-    for i, u in enumerate(result.stages):
-        table.add_row(str(i), f"{u.used}/{u.codebook_size}", f"{100 * u.usage:.1f}%", str(u.dead),
+    for i, u in enumerate(result.stages, start=1):
+        table.add_row(str(i), str(u.tokens), f"{u.used}/{u.codebook_size}", f"{100 * u.usage:.1f}%", str(u.dead),
                       f"{u.perplexity:.1f}", f"{u.entropy_bits:.2f}", f"{u.max_entropy_bits:.2f}")
     out.print(table)
-    top_codes = result.stages[0].top[:top]
+    top_codes = result.stages[0].top
     if top_codes:
         out.print("most used codes (stage 1): " + ", ".join(f"{c} ({100 * share:.1f}%)" for c, _n, share in top_codes))
     if result.file_bytes:
-        out.print(f"token files: {8 * result.file_bytes / max(result.tokens, 1):.2f} bits/token on disk "
-                  f"({bits} bits/code packed + headers)")
+        out.print(f"token files: {8 * result.file_bytes / max(result.tokens, 1):.2f} bits/token on disk, headers "
+                  f"included ({bits} bits/code packed)")
     if plot:
         out.print(f"usage histogram: {plot}")
 
@@ -435,7 +440,7 @@ def _print_usage_table(result: Any, top: int, plot: Optional[Path]) -> None:
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A model.safetensors (or its run folder), or a shipped model's name (`vqtok models`).")],
     data: Annotated[list[Path], typer.Argument(help="Held-out files or folders.")],
-    batch_size: Annotated[int, typer.Option(help="Files per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Files per forward pass.")] = 32,
     stages: Annotated[Optional[int], typer.Option(help="Score with the first N residual stages only (a lower bitrate) (default: all).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the first file(s): reconstructions (images) or log-mel spectrograms (audio).")] = None,
     refine: RefineOpt = 0,
@@ -445,13 +450,16 @@ def evaluate(
     json_out: JsonOpt = False,
 ) -> None:
     """Reconstruction quality (PSNR, SSIM, MS-SSIM, MSE for images; SI-SNR, log-mel distance and, with
-    `pip install vqtok[speech]`, PESQ wide-band and STOI for audio) and codebook figures of a model over a folder,
+    `pip install vqtok\\[speech]`, PESQ wide-band and STOI for audio) and codebook figures of a model over a folder,
     with the rate of the codes alone (bits_per_pixel, kbps) and of the token files `vqtok encode` would write
     (bpp_packed_file and bpp_entropy_file for images, kbps_packed_file and kbps_entropy_file for audio)."""
+    from vqtok import plots
     from vqtok.jobs.refine import Refinement
     from vqtok.jobs.report import evaluate_model
 
     with _user_errors():
+        if plot:
+            plots.check_destination(plot)
         result = evaluate_model(model, data, device=device, batch_size=batch_size, stages=stages, plot=plot,
                                 refine=Refinement(refine, search), postfilter=postfilter)
     for note in result.notes:

@@ -146,8 +146,8 @@ class AudioEvaluator:
     passed to `add` with their header fields, the whole token file `vqtok encode` would write, built in
     memory, over the file's duration: `kbps_packed_file` and, when a model code `table` (S, K) is given,
     `kbps_entropy_file` (see TokenFileSizes). With `score_speech`, each file is also scored at 16 kHz with PESQ
-    wide-band (`pesq_wb`, over the files PESQ accepts; `pesq_skipped` counts the others) and STOI (`stoi`),
-    each when its package is installed (vqtok.speech). A true `refine`: the codes are chosen as `vqtok encode
+    wide-band (`pesq_wb`) and STOI (`stoi`), each over the files it accepts (`pesq_skipped`, `stoi_skipped`
+    count the others) and each when its package is installed (vqtok.speech). A true `refine`: the codes are chosen as `vqtok encode
     --refine / --search` chooses them (vqtok.jobs.refine). A non-zero `postfilter`: every figure is of the
     reconstruction `vqtok decode --postfilter` writes (vqtok.postfilter at that strength).
     """
@@ -170,7 +170,7 @@ class AudioEvaluator:
         self.file_sums = {f"kbps_{codec}_file": 0.0 for codec in self.token_files.codecs}
         self.speech_sums: dict[str, float] = {}
         self.speech_files: dict[str, int] = {}
-        self.pesq_skipped = 0
+        self.speech_skipped: dict[str, int] = {}
         self.err = 0.0
         self.energy = 0.0
 
@@ -215,10 +215,12 @@ class AudioEvaluator:
         self.sized_files += 1
 
     def _add_speech(self, reference: torch.Tensor, decoded: torch.Tensor) -> None:
-        """Accumulate PESQ and STOI of one file, both (T,) at 16 kHz; a file PESQ refuses is counted, not scored."""
+        """Accumulate PESQ and STOI of one file, both (T,) at 16 kHz; a file a measure refuses is counted, not
+        scored."""
         for key, value in speech.speech_scores(reference, decoded).items():
-            if value is None:  # only PESQ refuses a signal
-                self.pesq_skipped += 1
+            self.speech_skipped.setdefault(key, 0)
+            if value is None:
+                self.speech_skipped[key] += 1
                 continue
             self.speech_sums[key] = self.speech_sums.get(key, 0.0) + value
             self.speech_files[key] = self.speech_files.get(key, 0) + 1
@@ -235,8 +237,7 @@ class AudioEvaluator:
         n = max(self.files, 1)
         out = {k: v / n for k, v in self.sums.items()}
         out.update({k: v / self.speech_files[k] for k, v in self.speech_sums.items()})
-        if self.score_speech and "pesq" not in speech.missing_packages():
-            out["pesq_skipped"] = float(self.pesq_skipped)
+        out.update({f"{key.split('_')[0]}_skipped": float(n) for key, n in self.speech_skipped.items()})
         out["kbps"] = self.kbps()
         if self.sized_files:
             out.update({k: v / self.sized_files for k, v in self.file_sums.items()})

@@ -1,7 +1,8 @@
 """Pictures drawn with Pillow alone: reconstruction grids, codebook usage histograms, spectrogram comparisons,
 rate-distortion curves (one chart or several stacked) and side-by-side crops.
 
-Every function writes one PNG atomically and returns its path.
+Every function writes one PNG atomically and returns its path; `check_destination` says ahead of the work
+behind a picture whether it can be written where asked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, features
 
 from vqtok.atomic import atomic_path
+from vqtok.errors import VqtokError
 from vqtok.stats import code_usage, log_mel, mel_distance
 
 BACKGROUND = (255, 255, 255)
@@ -68,9 +70,27 @@ def _draw_vertical_text(img: Image.Image, text: str, center: tuple[int, int]) ->
     img.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2), label)
 
 
+def check_destination(path: str | os.PathLike) -> None:
+    """Raise VqtokError, naming `path`, unless a PNG can be written there: a .png name, not a folder, in an
+    existing folder this process may write in."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise VqtokError(f"{target}: is a folder; give a file name ending in .png")
+    if target.suffix.lower() != ".png":
+        raise VqtokError(f"{target}: plots are PNG images; give a file name ending in .png")
+    if not folder.is_dir():
+        raise VqtokError(f"{target}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VqtokError(f"{target}: cannot write in folder {folder} (permission denied)")
+
+
 def _save(img: Image.Image, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    try:
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+    except OSError as e:
+        raise VqtokError(f"{path}: cannot write the plot ({e.strerror or e})") from e
     return Path(path)
 
 

@@ -8,6 +8,7 @@ Without a package its score is simply left out; `missing_packages` says which ar
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def speech_scores(reference: torch.Tensor, degraded: torch.Tensor) -> dict[str, 
     """PESQ wide-band (MOS-LQO, 1.04-4.64) and STOI (0-1) of `degraded` against `reference`, both (T,) at
     SPEECH_RATE and of one length: {"pesq_wb": ..., "stoi": ...}, each only when its package is installed.
 
-    "pesq_wb" is None when PESQ refuses the signal (no speech found, shorter than 1/4 s): the caller skips it.
+    A score is None when its measure refuses the signal, which the caller skips: PESQ finds no speech or less
+    than 1/4 s; STOI finds fewer than 30 of its 25.6 ms frames (about 0.4 s) above its silence threshold.
     """
     ref = reference.reshape(-1).double().numpy()
     deg = degraded.reshape(-1).double().numpy()
@@ -103,8 +105,19 @@ def speech_scores(reference: torch.Tensor, degraded: torch.Tensor) -> dict[str, 
     if "pystoi" not in missing:
         import pystoi
 
-        out["stoi"] = float(pystoi.stoi(ref, deg, SPEECH_RATE, extended=False))
+        out["stoi"] = _stoi(pystoi, ref, deg)
     return out
+
+
+def _stoi(pystoi, ref: np.ndarray, deg: np.ndarray) -> float | None:
+    """pystoi.stoi at SPEECH_RATE, or None where it refuses: too few frames after its silence removal, where it
+    warns and returns 1e-5 (a value that would pass for a score), or none at all, where it raises."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Not enough STFT frames")
+        try:
+            return float(pystoi.stoi(ref, deg, SPEECH_RATE, extended=False))
+        except (UserWarning, RuntimeWarning, ValueError):  # numpy's AxisError is a ValueError
+            return None
 
 
 def score(reference: torch.Tensor, decoded: torch.Tensor) -> dict[str, float | None]:

@@ -35,7 +35,7 @@ PLOT_ITEMS = 8
 
 @dataclass
 class InspectReport:
-    """Codebook usage per stage over a set of tokens."""
+    """Codebook usage per stage over a set of tokens; `top`: how many of each stage's most used codes to list."""
 
     source: str
     files: int
@@ -43,10 +43,11 @@ class InspectReport:
     counts: np.ndarray  # (S, K) int64
     file_bytes: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    top: int = 10
 
     @property
     def stages(self) -> list[stats.CodeUsage]:
-        return [stats.code_usage(c) for c in self.counts]
+        return [stats.code_usage(c, top_k=self.top) for c in self.counts]
 
     @property
     def tokens(self) -> int:
@@ -67,13 +68,15 @@ class InspectReport:
         return out
 
 
-def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None) -> InspectReport:
-    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint).
-    `table`: the model's code-frequency table, needed only for files entropy-coded with it."""
+def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None, top: int = 10) -> InspectReport:
+    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint); files
+    with fewer stages than others (`vqtok encode --stages N`) count toward their own stages only. A file whose
+    codebook size differs from the first file's is reported and skipped. `table`: the model's code-frequency
+    table, needed only for files entropy-coded with it. `top`: most used codes listed per stage."""
     counts: np.ndarray | None = None
     fingerprint = None
     report = InspectReport(source=", ".join(str(p) for p in inputs), files=0, codebook_size=0,
-                           counts=np.zeros((0, 0), np.int64))
+                           counts=np.zeros((0, 0), np.int64), top=top)
     for path, _root in find_token_files(inputs):
         try:
             tokens = read_tokens_for_model(path, table)
@@ -81,17 +84,23 @@ def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None) -> In
             report.failed.append((str(path), str(err)))
             continue
         header = tokens.header
+        size = int(header["codebook_size"])
         if fingerprint is None:
-            fingerprint = header["fingerprint"]
-            report.codebook_size = int(header["codebook_size"])
-            counts = np.zeros((tokens.codes.shape[0], report.codebook_size), np.int64)
+            fingerprint, report.codebook_size = header["fingerprint"], size
+            counts = np.zeros((0, size), np.int64)
         elif header["fingerprint"] != fingerprint:
             raise VqtokError(f"{path}: written by model {header['fingerprint']}, but earlier files by {fingerprint}; "
                              "inspect one model's tokens at a time")
+        elif size != report.codebook_size:
+            report.failed.append((str(path), f"{path}: codebook size {size}, but earlier files of model {fingerprint} "
+                                             f"have {report.codebook_size} (the header is inconsistent)"))
+            continue
         assert counts is not None
         flat = tokens.codes.reshape(tokens.codes.shape[0], -1)
-        for s in range(min(flat.shape[0], counts.shape[0])):
-            counts[s] += np.bincount(flat[s], minlength=report.codebook_size)
+        if flat.shape[0] > counts.shape[0]:
+            counts = np.concatenate([counts, np.zeros((flat.shape[0] - counts.shape[0], size), np.int64)])
+        for s, row in enumerate(flat):
+            counts[s] += np.bincount(row, minlength=size)
         report.files += 1
         report.file_bytes += path.stat().st_size
     if counts is None:
@@ -102,12 +111,13 @@ def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None) -> In
 
 
 def inspect_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",
-                  batch_size: int = 32) -> InspectReport:
-    """Encode the files under `inputs` with the model (nothing written) and count its codes."""
+                  batch_size: int = 32, top: int = 10) -> InspectReport:
+    """Encode the files under `inputs` with the model (nothing written) and count its codes; `top`: most used
+    codes listed per stage."""
     result = evaluate_model(model_path, inputs, device=device, batch_size=batch_size, score_speech=False)
     files = result.metrics["images"] if "images" in result.metrics else result.metrics["files"]
     return InspectReport(source=", ".join(str(p) for p in inputs), files=int(files),
-                         codebook_size=result.counts.shape[1], counts=result.counts, failed=result.failed)
+                         codebook_size=result.counts.shape[1], counts=result.counts, failed=result.failed, top=top)
 
 
 @dataclass
@@ -159,7 +169,7 @@ def evaluate_model(model_path: Path, inputs: Sequence[Path], *, device: str = "a
         if first is None:
             first = (x[:PLOT_ITEMS].cpu(), recon[:PLOT_ITEMS].cpu())
     if evaluator.images == 0:
-        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
+        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][1]})")
     if plot is not None and first is not None:
         plots.reconstruction_grid(first[0], first[1], plot)
     metrics = {**evaluator.result(), "stages": float(evaluator.stages)}
@@ -187,7 +197,7 @@ def _evaluate_audio(model: Tokenizer, paths: list[Path], inputs: Sequence[Path],
             plots.spectrogram_comparison(wave[0].cpu(), recon[0].cpu(), rate, plot,
                                          title=f"{path.name}, {evaluator.stages} stages, {evaluator.kbps():.2f} kbps")
     if evaluator.files == 0:
-        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][0]}: {failed[0][1]})")
+        raise VqtokError(f"none of the {len(paths)} files could be read (first: {failed[0][1]})")
     note = speech.missing_note() if score_speech else None
     return EvalReport(metrics=evaluator.result(), counts=evaluator.counts.numpy(), failed=failed,
                       notes=[] if note is None else [note])

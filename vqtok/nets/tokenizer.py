@@ -189,16 +189,44 @@ class Tokenizer(nn.Module):
         indices = out.indices.reshape(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
         return TokenizerOutput(recon, indices, out.losses, z)
 
+    def _expected_input(self) -> str:
+        c = self.config.in_channels
+        if self.config.modality == "image":
+            return f"images (B, {c}, H, W) in [0, 1], H and W multiples of {self.hop}"
+        return f"waveforms (B, {c}, T) in [-1, 1], T a multiple of {self.hop}"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless x is what `encode` takes: a float batch of the model's channels whose spatial sizes
+        are multiples of the hop (a size that is not would lose its last partial code cell without a word)."""
+        dims = 4 if self.config.modality == "image" else 3
+        if (x.ndim != dims or x.shape[1] != self.config.in_channels or not x.is_floating_point()
+                or any(n % self.hop for n in x.shape[2:])):
+            raise ValueError(f"expected {self._expected_input()}, got {x.dtype} of shape {tuple(x.shape)}")
+
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        """ValueError unless indices are (B, S, *grid) integer codes of 1..stages stages, each in [0, K)."""
+        dims = 4 if self.config.modality == "image" else 3
+        q = self.config.quantizer
+        if indices.ndim != dims or not 1 <= indices.shape[1] <= q.stages or indices.is_floating_point():
+            raise ValueError(f"expected integer codes (B, S, {'h, w' if dims == 4 else 'frames'}) with S in 1..{q.stages}, "
+                             f"got {indices.dtype} of shape {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= q.codebook_size):
+            raise ValueError(f"codes must be in [0, {q.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]")
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, stages: int | None = None) -> torch.Tensor:
-        """x (B, C, *spatial) -> indices (B, S, *grid) int64."""
+        """x (B, C, *spatial): images in [0, 1] with H, W multiples of the hop, or waveforms in [-1, 1] with T a
+        multiple of it -> indices (B, S, *grid) int64; ValueError for anything else."""
+        self._check_input(x)
         z = self.encoder(x)
         idx = self.quantizer.encode(self._to_vectors(z), stages)
         return idx.reshape(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, S, *grid) -> reconstruction (B, C, *spatial), clamped to the valid range."""
+        """indices (B, S, *grid), S <= the model's stages, codes in [0, K) -> reconstruction (B, C, *spatial),
+        clamped to the valid range; ValueError for anything else."""
+        self._check_indices(indices)
         flat = indices.movedim(1, -1).reshape(-1, indices.shape[1])
         v = self.quantizer.decode(flat)
         grid = indices.shape[2:]
