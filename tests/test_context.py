@@ -130,3 +130,28 @@ def test_model_file_keeps_the_tables_and_the_fingerprint(tmp_path: Path) -> None
     assert np.array_equal(table.counts, model.context_table.counts)
     assert np.array_equal(table.groups, model.context_table.groups)
     assert np.array_equal(table.order0, model.code_frequencies())
+
+
+def test_file_codes_encode_as_vqtok_encode_does_and_report_unreadable_files(tmp_path: Path, monkeypatch) -> None:
+    # A photo above the whole-image limit goes in tiles (bounded memory), with the codes a whole forward gives.
+    from vqtok.jobs import contexts, pipeline, tiles
+
+    torch.manual_seed(0)
+    model = Tokenizer(ModelConfig(channels=16, res_channels=8, downsample=8,
+                                  quantizer=QuantizerConfig(dim=4, codebook_size=32, stages=2))).eval()
+    photo = sorted((SAMPLES / "heldout" / "photos").glob("*.jpg"))[0]
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    whole = list(contexts.file_codes(model, [photo]))
+    tiled_images = []
+
+    def encode_tiled(model, image, stages):
+        tiled_images.append(image.shape)
+        return tiles.encode_tiled(model, image, stages, tile=128)
+
+    monkeypatch.setattr(tiles, "WHOLE_IMAGE_PIXELS", 64 * 64)
+    monkeypatch.setattr(pipeline, "encode_tiled", encode_tiled)
+    errors: list[tuple[Path, str]] = []
+    tiled = list(contexts.file_codes(model, [tmp_path / "broken.jpg", photo],
+                                     on_error=lambda p, why: errors.append((p, why))))
+    assert len(tiled_images) == 1 and len(tiled) == 1 and np.array_equal(tiled[0], whole[0])
+    assert [p for p, _ in errors] == [tmp_path / "broken.jpg"]

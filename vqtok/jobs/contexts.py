@@ -5,14 +5,14 @@ bits (photos: about 13% fewer at one stage, 8% at three)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from vqtok.data import io as data
 from vqtok.errors import VqtokError
-from vqtok.jobs.pipeline import image_batches
+from vqtok.jobs.pipeline import CPU_BATCH_IMAGES, CPU_BATCH_PIXELS, encode_images, image_batches
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens import context
 from vqtok.tokens.context import ContextTable
@@ -28,31 +28,36 @@ def group_count(codebook_size: int) -> int:
     return min(context.GROUPS, max(2, codebook_size // 8))
 
 
-def file_codes(model: Tokenizer, paths: Sequence[Path], batch_size: int = 8) -> Iterator[np.ndarray]:
-    """Codes (S, *grid) of each readable file, all stages; unreadable files are left out. Images are encoded
-    whole (padded to the model's factor), audio as its first MAX_AUDIO_SECONDS, mono."""
+def file_codes(model: Tokenizer, paths: Sequence[Path], batch_size: int = 8,
+               on_error: Callable[[Path, str], None] = lambda _p, _why: None) -> Iterator[np.ndarray]:
+    """Codes (S, *grid) of each readable file, all stages; a file that cannot be read goes to `on_error(path,
+    message)`. Images are encoded whole (padded to the model's factor) as `vqtok encode` encodes them, so a
+    large photo goes in tiles and memory stays bounded; audio as its first MAX_AUDIO_SECONDS, mono."""
     device = next(model.parameters()).device
     if model.config.modality == "image":
-        for _, batch in image_batches(paths, model.hop, batch_size, lambda _p, _why: None):
-            yield from model.encode(batch.to(device).float().div_(255.0)).cpu().numpy()
+        for _, batch in image_batches(paths, model.hop, batch_size, on_error):
+            yield from encode_images(model, batch, None, CPU_BATCH_IMAGES, CPU_BATCH_PIXELS).cpu().numpy()
         return
     rate = model.config.sample_rate
     for path in paths:
         try:
             wave = data.load_audio(path, rate)[:, : int(MAX_AUDIO_SECONDS * rate)]
-        except VqtokError:
+        except VqtokError as err:
+            on_error(path, str(err))
             continue
         wave = torch.nn.functional.pad(wave, (0, -wave.shape[-1] % model.hop))
         yield model.encode(wave[None].to(device))[0].cpu().numpy()
 
 
 @torch.no_grad()
-def fit_context_table(model: Tokenizer, paths: Sequence[Path], seed: int = 0) -> ContextTable:
+def fit_context_table(model: Tokenizer, paths: Sequence[Path], seed: int = 0,
+                      on_error: Callable[[Path, str], None] = lambda _p, _why: None) -> ContextTable:
     """A context table for `model` from its codes for up to MAX_FILES of `paths` (evenly spaced, sorted order):
-    deterministic for given files and seed. The model is left in eval mode."""
+    deterministic for given files and seed; a file that cannot be read goes to `on_error(path, message)`. The
+    model is left in eval mode."""
     model.eval()
     paths = sorted(paths)
     chosen = [paths[i * len(paths) // MAX_FILES] for i in range(MAX_FILES)] if len(paths) > MAX_FILES else paths
     codebooks = [vq.codes().detach().cpu().numpy() for vq in model.quantizer.quantizers]
-    return context.fit(codebooks, file_codes(model, chosen), model.code_frequencies(),
+    return context.fit(codebooks, file_codes(model, chosen, on_error=on_error), model.code_frequencies(),
                        group_count(model.config.quantizer.codebook_size), seed)
