@@ -203,7 +203,7 @@ def train(
     precision: Annotated[Precision, typer.Option(help="bf16: run the encoder and decoder under bfloat16 autocast (weights, quantizer and losses stay float32), ~1.7x faster on CPUs with AVX512-BF16 or AMX and on recent GPUs.")] = Precision(_T.precision),
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints, validations and previews.")] = _T.checkpoint_every,
     val_fraction: Annotated[float, typer.Option(help="Share of the files held out for validation.")] = _T.val_fraction,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest readable checkpoint (from step 0 if it stopped before its first), with the options it started with: other values of model or training options are refused.")] = False,
     init: Annotated[Optional[str], typer.Option(help="Fine-tune: start from this model file or shipped model name (its architecture, quantizer, rate and weights; model options are refused with it). E.g. add an adversarial stage to a trained audio model, or adapt one to new data.")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="Worker processes reading training files, per process (0: read in the training process; default: half the CPU cores, shared among torchrun processes, 1 to 8).")] = None,
     device: DeviceOpt = _T.device,
@@ -213,13 +213,13 @@ def train(
     Under torchrun (`torchrun --nproc_per_node N -m vqtok train ...`) the processes share each batch."""
     from vqtok.data.io import find_inputs
     from vqtok.defaults import training_configs
-    from vqtok.training.loop import train as run_training
+    from vqtok.training.loop import check_resume_options, train as run_training
 
     with _user_errors():
         if init is not None:
             _refuse_model_options(ctx)
-        model_config, train_config = training_configs(
-            find_inputs(data)[0], steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+        options: dict[str, Any] = dict(
+            steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
             downsample=downsample, audio_strides=_parse_strides(strides), segment_seconds=segment_seconds,
             audio_loss=audio_loss.value if audio_loss else None, adversarial_from=adversarial_from,
             adversarial_weight=adversarial_weight, feature_weight=feature_weight,
@@ -234,6 +234,13 @@ def train(
             affine_lr_mult=affine_lr_mult, sync_nu=sync_nu, alternate=alternate, alternate_lr=alternate_lr,
             kmeans_init=kmeans_init, dead_code_steps=dead_code_steps, cosine=cosine,
             checkpoint_every=checkpoint_every, val_fraction=val_fraction, precision=precision.value, device=device)
+        model_config, train_config = training_configs(find_inputs(data)[0], **options)
+        if resume:
+            # Options typed on the command line, named as `options` names them (--strides: audio_strides).
+            typed = {"audio_strides" if p == "strides" else p for p in ctx.params
+                     if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
+            check_resume_options(run_dir, {k: v for k, v in {**options, "size": size, "sample_rate": sample_rate,
+                                                              "init": init}.items() if k in typed})
     progress, on_progress = _training_progress(steps)
     try:
         with _user_errors():
@@ -264,7 +271,8 @@ def _report_training(result: TrainResult, json_out: bool) -> None:
     if json_out:
         _print_json({"model": str(result.model_path), "steps": result.steps, "seconds": result.seconds,
                      "steps_per_second": result.steps_per_second, "train_files": result.train_files,
-                     "val_files": result.val_files, "skipped": len(result.skipped), "validation": result.final})
+                     "val_files": result.val_files, "skipped": len(result.skipped),
+                     "failed": [{"file": f, "error": e} for f, e in result.skipped], "validation": result.final})
     else:
         _print_metrics(f"validation ({result.val_files} files)", result.final)
         out.print(f"model: {result.model_path}  ({result.steps_per_second:.1f} steps/s, {result.seconds:.0f} s)")

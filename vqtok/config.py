@@ -17,6 +17,11 @@ from vqtok.errors import VqtokError
 
 Modality = Literal["image", "audio"]
 
+# The lowest audio model rate, Hz. Below it a model holds under 500 Hz of bandwidth, too little for speech, and
+# the log-mel losses and previews, whose bands span 0 Hz to half the rate, degenerate (at 1 Hz the preview's
+# spectrogram is empty and drawing it fails).
+MIN_SAMPLE_RATE = 1000
+
 
 @dataclass
 class QuantizerConfig:
@@ -65,11 +70,15 @@ class QuantizerConfig:
         _check(0.0 <= self.affine_decay < 1.0, f"affine decay must be in [0, 1), got {self.affine_decay}")
         _check(self.beta >= 0 and self.codebook_weight >= 0, "loss weights must be >= 0")
         _check(self.sync_nu >= 0, f"sync nu must be >= 0, got {self.sync_nu}")
+        _check(self.affine_lr_mult >= 0, f"affine learning-rate multiplier must be >= 0, got {self.affine_lr_mult}")
+        _check(self.alternate_lr > 0, f"alternate learning rate must be > 0, got {self.alternate_lr}")
         _check(self.affine_groups >= 1 and self.codebook_size % self.affine_groups == 0,
                f"affine groups ({self.affine_groups}) must divide the codebook size ({self.codebook_size})")
         _check(self.dead_code_steps >= 0, "dead code steps must be >= 0")
         _check(self.usage_window >= 1, "usage window must be >= 1")
         _check(0.0 <= self.stage_dropout <= 1.0, "stage dropout must be in [0, 1]")
+        _check(not self.cosine or self.stages == 1,
+               f"a cosine codebook needs stages = 1 (residuals are not unit vectors), got {self.stages}")
 
 
 @dataclass
@@ -108,14 +117,18 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.modality in ("image", "audio"), f"modality must be image or audio, got {self.modality!r}")
         _check(self.channels >= 8, f"channels must be >= 8, got {self.channels}")
+        _check(self.res_blocks >= 0, f"residual blocks must be >= 0, got {self.res_blocks}")
+        _check(self.res_channels >= 1, f"residual block channels must be >= 1, got {self.res_channels}")
         if self.modality == "image":
             _check(self.downsample in (4, 8, 16), f"downsample must be 4, 8 or 16, got {self.downsample}")
             _check(self.image_size >= self.downsample and self.image_size % self.downsample == 0,
-                   f"image size {self.image_size} must be a multiple of the downsampling factor {self.downsample}")
+                   f"image size must be a positive multiple of the downsampling factor {self.downsample}, "
+                   f"got {self.image_size}")
             _check(self.scale_blocks >= 0, f"scale blocks must be >= 0, got {self.scale_blocks}")
         else:
             _check(self.scale_blocks == 0, "scale blocks apply to image models only")
-            _check(self.sample_rate > 0, f"sample rate must be > 0, got {self.sample_rate}")
+            _check(self.sample_rate >= MIN_SAMPLE_RATE,
+                   f"sample rate must be at least {MIN_SAMPLE_RATE} Hz, got {self.sample_rate}")
             _check(self.activation in ("elu", "snake"), f"activation must be elu or snake, got {self.activation!r}")
             _check(self.audio_net in ("conv", "stft"), f"audio net must be conv or stft, got {self.audio_net!r}")
             _check(self.audio_net == "conv" or self.activation == "elu",
@@ -194,6 +207,7 @@ class TrainConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _check(self.warmup >= 0, f"warm-up steps must be >= 0, got {self.warmup}")
         _check(0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}")
         _check(self.checkpoint_every >= 1, "checkpoint interval must be >= 1")
         _check(self.segment_seconds > 0, "segment length must be > 0 s")

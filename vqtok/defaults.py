@@ -24,27 +24,28 @@ AUDIO: dict[str, Any] = {
     "dead_code_steps": 100, "audio_loss": "spectral",
 }
 
-# Option name -> (config it belongs to, field name there).
-_QUANTIZER = {"code_dim": "dim", "codebook_size": "codebook_size", "stages": "stages",
-              "stage_dropout": "stage_dropout", "estimator": "estimator", "codebook_update": "codebook_update",
-              "codebook_weight": "codebook_weight", "beta": "beta", "ema_decay": "ema_decay", "affine": "affine",
-              "affine_groups": "affine_groups", "affine_lr_mult": "affine_lr_mult", "sync_nu": "sync_nu",
-              "alternate": "alternate", "alternate_lr": "alternate_lr", "kmeans_init": "kmeans_init",
-              "dead_code_steps": "dead_code_steps", "cosine": "cosine"}
-_MODEL = {"channels": "channels", "downsample": "downsample", "res_blocks": "res_blocks",
-          "res_channels": "res_channels", "scale_blocks": "scale_blocks", "audio_strides": "audio_strides", "activation": "activation",
-          "audio_net": "audio_net", "synthesis_frames": "synthesis_frames"}
-_TRAIN = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed",
-          "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
-          "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
-          "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight",
-          "disc_filters": "disc_filters", "speed_perturb": "speed_perturb", "gain_perturb_db": "gain_perturb_db",
-          "single_stage": "single_stage", "precision": "precision",
-          "device": "device"}
+# Option name (as the command line and `training_configs` name it) -> field name in its config: the quantizer's,
+# the model's or the training config.
+QUANTIZER_FIELDS = {"code_dim": "dim", "codebook_size": "codebook_size", "stages": "stages",
+                    "stage_dropout": "stage_dropout", "estimator": "estimator", "codebook_update": "codebook_update",
+                    "codebook_weight": "codebook_weight", "beta": "beta", "ema_decay": "ema_decay", "affine": "affine",
+                    "affine_groups": "affine_groups", "affine_lr_mult": "affine_lr_mult", "sync_nu": "sync_nu",
+                    "alternate": "alternate", "alternate_lr": "alternate_lr", "kmeans_init": "kmeans_init",
+                    "dead_code_steps": "dead_code_steps", "cosine": "cosine"}
+MODEL_FIELDS = {"channels": "channels", "downsample": "downsample", "res_blocks": "res_blocks",
+                "res_channels": "res_channels", "scale_blocks": "scale_blocks", "audio_strides": "audio_strides", "activation": "activation",
+                "audio_net": "audio_net", "synthesis_frames": "synthesis_frames"}
+TRAIN_FIELDS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed",
+                "checkpoint_every": "checkpoint_every", "val_fraction": "val_fraction",
+                "segment_seconds": "segment_seconds", "audio_loss": "audio_loss", "adversarial_from": "adversarial_from",
+                "adversarial_weight": "adversarial_weight", "feature_weight": "feature_weight",
+                "disc_filters": "disc_filters", "speed_perturb": "speed_perturb", "gain_perturb_db": "gain_perturb_db",
+                "single_stage": "single_stage", "precision": "precision",
+                "device": "device"}
 
 
 # Options that shape the model: a run that starts from a model file (`train --init`) takes all of them from it.
-MODEL_OPTIONS = frozenset(_QUANTIZER) | frozenset(_MODEL) | {"size", "sample_rate"}
+MODEL_OPTIONS = frozenset(QUANTIZER_FIELDS) | frozenset(MODEL_FIELDS) | {"size", "sample_rate"}
 
 
 def training_configs(modality: str, **options: Any) -> tuple[ModelConfig, TrainConfig]:
@@ -53,7 +54,7 @@ def training_configs(modality: str, **options: Any) -> tuple[ModelConfig, TrainC
     Options are named as on the command line (code_dim, codebook_size, batch_size, ...); None or absent means
     the modality's default. Stage dropout defaults to AUDIO's for audio models with several stages, else 0.
     """
-    unknown = set(options) - set(_QUANTIZER) - set(_MODEL) - set(_TRAIN)
+    unknown = set(options) - set(QUANTIZER_FIELDS) - set(MODEL_FIELDS) - set(TRAIN_FIELDS)
     if unknown:
         raise TypeError(f"unknown training options: {', '.join(sorted(unknown))}")
     chosen = {k: v for k, v in options.items() if v is not None}
@@ -65,5 +66,5 @@ def training_configs(modality: str, **options: Any) -> tuple[ModelConfig, TrainC
     def pick(table: dict[str, str]) -> dict[str, Any]:
         return {field: chosen[name] for name, field in table.items() if name in chosen}
 
-    model = ModelConfig(**pick(_MODEL), quantizer=QuantizerConfig(**pick(_QUANTIZER)))
-    return model, TrainConfig(**pick(_TRAIN))
+    model = ModelConfig(**pick(MODEL_FIELDS), quantizer=QuantizerConfig(**pick(QUANTIZER_FIELDS)))
+    return model, TrainConfig(**pick(TRAIN_FIELDS))

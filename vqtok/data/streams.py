@@ -18,7 +18,7 @@ import abc
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -103,6 +103,19 @@ class BatchPlan(Sampler[list[Item]]):
             gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
             self._epoch = (epoch, torch.randperm(self.files, generator=gen).tolist())
         return self._epoch[1]
+
+
+def unwrap_worker_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of a DataLoader as they come. A VqtokError raised in a worker process comes out of the
+    DataLoader with the worker's traceback as its message; it is raised again with its own one-line message."""
+    try:
+        yield from batches
+    except VqtokError as err:
+        text = str(err)
+        if "\nOriginal Traceback" not in text:  # raised in this process: already the user's message
+            raise
+        # The traceback ends with the line "<module>.<type name>: <message>".
+        raise type(err)(text.rstrip().splitlines()[-1].partition(": ")[2]) from None
 
 
 def fixed_items(files: Sequence[int], seed: int) -> list[Item]:

@@ -30,9 +30,9 @@ class VectorQuantizer(nn.Module):
     holds it all. Statistics count this stage's own training steps (a stage skipped by stage dropout does
     not age).
 
-    With `alternate`, a lazily created Adam (lr = alternate_lr) owns the codebook and affine parameters and
-    steps them on the codebook loss inside each training forward. Its moment estimates are not part of the
-    state dict: a resumed run restarts them from zero.
+    With `alternate`, a lazily created Adam (lr = alternate_lr, `inner_optimizer()`) owns the codebook and affine
+    parameters and steps them on the codebook loss inside each training forward. Its moment estimates are not
+    part of the state dict (a model file does not need them); training checkpoints store them beside it.
     """
 
     def __init__(self, config: QuantizerConfig):
@@ -192,21 +192,27 @@ class VectorQuantizer(nn.Module):
             return []
         return [p for p in self.parameters() if p.requires_grad]
 
+    def inner_optimizer(self) -> torch.optim.Optimizer | None:
+        """The alternating inner Adam over `inner_parameters()` (made on first use), or None when there is none."""
+        params = self.inner_parameters()
+        if self._inner is None and params:
+            self._inner = torch.optim.Adam(params, lr=self.config.alternate_lr)
+        return self._inner
+
     def alternate_step(self, x: Tensor, indices: Tensor) -> Tensor:
         """One inner Adam step on codebook_weight * ||x - codes()[indices]||^2; returns that loss (detached)."""
         params = self.inner_parameters()
         with torch.enable_grad():
             loss = self.config.codebook_weight * F.mse_loss(self.codes()[indices], x.detach())
-        if not params:
+        inner = self.inner_optimizer()
+        if inner is None:
             return loss.detach()
-        if self._inner is None:
-            self._inner = torch.optim.Adam(params, lr=self.config.alternate_lr)
         grads = torch.autograd.grad(loss, params)
         size = upkeep.world_size()
         for p, g in zip(params, grads):
             upkeep.all_reduce_sum_(g)
             p.grad = g / size
-        self._inner.step()
+        inner.step()
         for p in params:
             p.grad = None
         return loss.detach()

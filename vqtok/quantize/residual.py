@@ -30,8 +30,6 @@ class ResidualVQ(nn.Module):
     def __init__(self, config: QuantizerConfig):
         super().__init__()
         config.validate()
-        if config.cosine and config.stages > 1:
-            raise VqtokError(f"a cosine codebook needs stages = 1 (residuals are not unit vectors), got {config.stages}")
         self.config = config
         self.quantizers = nn.ModuleList(VectorQuantizer(config) for _ in range(config.stages))
         self.register_buffer("rng", torch.stack([torch.randint(0, 2**62, ()), torch.zeros((), dtype=torch.long)]))

@@ -24,11 +24,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, NoReturn, Sequence
 
 import torch
 from torch import nn
@@ -39,13 +40,15 @@ from vqtok.atomic import write_bytes_atomic
 from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import io as data
 from vqtok.data.readers import default_workers
-from vqtok.data.streams import Batch, BatchPlan, batches_of, collate
+from vqtok.data.streams import Batch, BatchPlan, batches_of, collate, unwrap_worker_errors
+from vqtok.defaults import MODEL_FIELDS, QUANTIZER_FIELDS, TRAIN_FIELDS
 from vqtok.errors import VqtokError
 from vqtok.jobs.contexts import fit_context_table
 from vqtok.modelfile import FINGERPRINT_KEY, load, read_metadata, save_model
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.training import distributed
 from vqtok.training.adversarial import Adversary
+from vqtok.training.audioloss import complex_window, mel_sizes, spectral_scales
 from vqtok.training.audiosets import AudioTask, default_sample_rate
 from vqtok.training.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from vqtok.training.distributed import Processes
@@ -107,7 +110,8 @@ def train(
     `sample_rate` the audio model's rate in Hz (None: the most common rate among the files). With `resume`,
     training continues from the newest checkpoint in `out` with the stored configs. `init` (fine-tuning): a model
     file or shipped model name to start from; its architecture, quantizer, rate or size and weights replace
-    `model_config`, `size` and `sample_rate`, and its codebooks count as initialised. `num_workers`: DataLoader
+    `model_config`, `size` and `sample_rate`, and its codebooks count as initialised. A run stopped before its
+    first checkpoint resumes from step 0 with its stored configs. `num_workers`: DataLoader
     worker processes reading files (0: read in this process; None: picked from the core count). Started by
     torchrun, this process joins the process group and trains its share of every batch.
     """
@@ -137,6 +141,7 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     if train_config.batch_size % procs.world:
         raise VqtokError(f"--batch-size {train_config.batch_size} must be a multiple of the {procs.world} "
                          "processes (it is the global batch, split evenly across them)")
+    _check_out(out)
     modality, paths = data.find_inputs(list(inputs))
     starting = _starting_model(init, modality, size, sample_rate) if init is not None and not resume else None
     if starting is not None:
@@ -155,23 +160,31 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     status(f"found {len(paths)} {modality} files")
     task: Task = ImageTask(paths, model_config, train_config) if modality == "image" else \
         AudioTask(paths, model_config, train_config)
+    if isinstance(task, AudioTask):
+        _check_segment(task.train_data.length, model_config, train_config.audio_loss)
     # Made apart from the global RNG (so the model's initialisation does not depend on it), and before the run
     # directory is written, since it checks the segment length.
     adversary = Adversary(model_config.sample_rate, task.train_data.length, train_config, procs) \
         if train_config.adversarial_from else None
-    procs.barrier()  # every rank has checked the run directory before rank 0 writes to it
-    if procs.main and not resume:
-        _write_run_info(out, inputs, paths, task, model_config, train_config, init)
 
     torch.manual_seed(train_config.seed)
     model = Tokenizer(model_config).to(procs.device)
     if starting is not None:
         model.load_state_dict(starting.state_dict())
+    procs.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    # Written once the model is built, so a config the model refuses leaves no run behind.
+    if procs.main and not resume:
+        _write_run_info(out, inputs, paths, task, model_config, train_config, init)
     optimizer = torch.optim.AdamW(model_param_groups(model, train_config.lr), lr=train_config.lr,
                                   weight_decay=train_config.weight_decay)
-    first = load_checkpoint(out, *_checkpointed(model, optimizer, adversary)) if resume else 0
+    first = 0
     if resume:
-        status(f"resuming from step {first}")
+        restored = load_checkpoint(out, *_checkpointed(model, optimizer, adversary))
+        for line in restored.unreadable:
+            status(f"skipped {line}")
+        first = restored.step
+        status(f"resuming from step {first} ({restored.path})" if restored.path is not None else
+               "no checkpoint yet: starting from step 0 with the stored configs")
     run = _Run(procs, task, model, optimizer, adversary, train_config, out, workers, on_progress)
     begin = time.perf_counter()
     run.steps(first)
@@ -181,7 +194,11 @@ def _train(procs: Processes, inputs: Sequence[Path], out: Path, model_config: Mo
     if procs.main:
         model.eval()
         status("fitting the entropy codec's context tables")
-        model.context_table = fit_context_table(model, [Path(p) for p in task.train_data.paths], train_config.seed)
+        # It reads training files the steps may never have drawn: a bad one among them is reported too.
+        unread: list[tuple[str, str]] = []
+        model.context_table = fit_context_table(model, [Path(p) for p in task.train_data.paths], train_config.seed,
+                                                on_error=lambda path, why: unread.append((str(path), why)))
+        skipped = sorted(set(skipped) | set(unread))
         save_model(model, out / "model.safetensors",
                    extra={"vqtok.train": json.dumps(dataclasses.asdict(train_config))})
         final = run.validate()
@@ -198,19 +215,70 @@ def _run_configs(out: Path, paths: list[Path], modality: str, model_config: Mode
     ones, fitted to the data unless `fitted` (a model to start from fixed them)."""
     run_file = out / "run.json"
     if resume:
-        if not run_file.exists():
-            raise VqtokError(f"{out}: nothing to resume (no run.json); start a new run without --resume")
-        stored = json.loads(run_file.read_text())
-        if stored["data"]["fingerprint"] != _files_fingerprint(paths):
+        stored = stored_run(out)
+        # Runs started before fingerprints hashed resolved paths stored the hash of the paths as spelled.
+        if stored.fingerprint not in (_files_fingerprint(paths), _files_fingerprint(paths, resolve=False)):
             raise VqtokError(f"{out}: the data files differ from the ones this run started with; cannot resume")
-        model_config = ModelConfig.from_json(json.dumps(stored["model"]))
-        return model_config, TrainConfig(**{**stored["train"], "device": train_config.device})
+        return stored.model, dataclasses.replace(stored.train, device=train_config.device)
     if run_file.exists():
         raise VqtokError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
     if not fitted:
         model_config = _fit_model_config(model_config, modality, paths, size, sample_rate)
     model_config.validate()
     return model_config, train_config
+
+
+class StoredRun(NamedTuple):
+    """What a run directory's run.json records: its configs, the fingerprint of its data files and the model
+    it started from (the name or path given to --init; None: it started from scratch)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    fingerprint: str
+    init: str | None
+
+
+def stored_run(out: Path) -> StoredRun:
+    """The record of the run in `out`, to resume it; VqtokError naming run.json when it is absent or damaged."""
+    run_file = out / "run.json"
+    if not run_file.exists():
+        raise VqtokError(f"{out}: nothing to resume (no run.json); start a new run without --resume")
+    try:
+        info = json.loads(run_file.read_text())
+        return StoredRun(ModelConfig.from_json(json.dumps(info["model"])), TrainConfig(**info["train"]),
+                         info["data"]["fingerprint"], info.get("init", {}).get("model"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, VqtokError) as err:
+        raise VqtokError(f"{run_file}: not a readable run record ({' '.join(str(err).split())}); "
+                         "start a new run in another --out") from None
+
+
+def check_resume_options(out: Path, given: dict[str, Any]) -> None:
+    """With --resume a run goes on with the configs it stored: refuse options the user gave whose values differ
+    from the run's, rather than ignore them. `given`: the options typed on the command line, named and valued
+    as vqtok.defaults.training_configs takes them, plus "size", "sample_rate" and "init" as `train` takes them.
+    Options that do not shape the run (device) are free."""
+    run = stored_run(out)
+    model, quantizer = run.model, run.model.quantizer
+    stored: dict[str, Any] = {name: getattr(quantizer, field) for name, field in QUANTIZER_FIELDS.items()}
+    stored |= {name: getattr(model, field) for name, field in MODEL_FIELDS.items()}
+    stored |= {name: getattr(run.train, field) for name, field in TRAIN_FIELDS.items() if name != "device"}
+    stored["init"] = run.init
+    if model.modality == "image":
+        stored["size"] = model.image_size
+    else:
+        stored["sample_rate"] = model.sample_rate
+        # An audio model's downsampling is its strides' product, whatever --downsample said.
+        del stored["downsample"]
+    differ = [f"--{name.replace('_', '-')} {_shown(value)} (the run's: {_shown(stored[name])})"
+              for name, value in given.items() if name in stored and value != stored[name]]
+    if differ:
+        raise VqtokError(f"{out}: --resume continues the run with its stored options, and these differ: "
+                         f"{', '.join(differ)}; drop them, or start a new run in another --out")
+
+
+def _shown(value: Any) -> str:
+    """An option value as typed: strides as 2,4,5,8."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def single_stage_step(config: TrainConfig, step: int) -> bool:
@@ -256,10 +324,17 @@ def _write_run_info(out: Path, inputs: Sequence[Path], paths: list[Path], task: 
 
 def _checkpointed(model: Tokenizer, optimizer: torch.optim.Optimizer, adversary: Adversary | None
                   ) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
-    """The modules and optimizers a checkpoint holds, by the names they are stored under."""
-    if adversary is None:
-        return {"model": model}, {"optim": optimizer}
-    return {"model": model, "disc": adversary.disc}, {"optim": optimizer, "disc_optim": adversary.optimizer}
+    """The modules and optimizers a checkpoint holds, by the names they are stored under: the alternating
+    codebook steps' inner optimizers too, so a resumed run continues exactly."""
+    modules: dict[str, nn.Module] = {"model": model}
+    optimizers = {"optim": optimizer}
+    for stage, vq in enumerate(model.quantizer.quantizers):
+        inner = vq.inner_optimizer()
+        if inner is not None:
+            optimizers[f"vq{stage}_optim"] = inner
+    if adversary is not None:
+        modules["disc"], optimizers["disc_optim"] = adversary.disc, adversary.optimizer
+    return modules, optimizers
 
 
 class _Run:
@@ -287,8 +362,10 @@ class _Run:
                           prefetch_factor=4 if workers else None)
 
     def steps(self, start: int) -> None:
-        """Train from step `start` to the end, logging, validating and checkpointing as configured."""
+        """Train from step `start` (a checkpoint's, or 0) to the end, logging, validating and checkpointing as
+        configured."""
         cfg, task = self.config, self.task
+        self.saved = start  # the step of the newest checkpoint on disk (0: none)
         plan = BatchPlan(len(task.train_data), cfg.batch_size, cfg.seed, start, cfg.steps, self.procs.rank,
                          self.procs.world, task.weights)
         metrics_path = self.out / "metrics.jsonl"
@@ -297,7 +374,8 @@ class _Run:
         self.model.train()
         self._clock = (start, time.perf_counter(), time.perf_counter())
         with (metrics_path.open("a") if self.procs.main else _NoFile()) as log:
-            for step, batch in zip(range(start, cfg.steps), self._loader(task.train_data, plan, self.workers)):
+            loader = unwrap_worker_errors(self._loader(task.train_data, plan, self.workers))
+            for step, batch in zip(range(start, cfg.steps), loader):
                 outcome = self._step(step, batch)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -328,10 +406,13 @@ class _Run:
         return _StepOutcome(lr, losses, out.recon.detach(), x)
 
     def _log(self, log: Any, done: int, step_out: _StepOutcome) -> None:
-        """One metrics line: losses and batch figures averaged over the processes, codebook figures."""
+        """One metrics line: losses and batch figures averaged over the processes, codebook figures. Stops the
+        run when the loss is not finite: every process sees the same mean, so all stop alike."""
         local = {"lr": step_out.lr, **{k: float(v) for k, v in step_out.losses.items()}}
         local.update(self.task.batch_metrics(step_out.recon, step_out.inputs))
         figures = self.procs.mean(local)
+        if not math.isfinite(figures["loss"]):
+            self._stop_diverged(done, f"the loss is {figures['loss']}")
         if not self.procs.main:
             return
         last_step, last_time, begin = self._clock
@@ -349,13 +430,24 @@ class _Run:
         """Rank 0 validates, saves a checkpoint and a preview; the other ranks go on to the next step and wait
         for it in that step's collectives."""
         if not self.procs.main:
+            self.saved = done
             return
+        # Weights can turn non-finite between two logged steps; such a checkpoint could only resume into NaN.
+        modules, optimizers = _checkpointed(self.model, self.optimizer, self.adversary)
+        if not _finite(modules.values()):
+            self._stop_diverged(done, "the weights hold NaN or infinite values")
         log.write(json.dumps({"split": "val", "step": done, **self.validate()}) + "\n")
         log.flush()
-        save_checkpoint(self.out, done, *_checkpointed(self.model, self.optimizer, self.adversary))
+        save_checkpoint(self.out, done, modules, optimizers)
+        self.saved = done
         self.model.eval()
         self.task.preview(self.model, self.out / "previews" / f"step_{done:07d}.png", self.procs.device)
         self.model.train()
+
+    def _stop_diverged(self, done: int, what: str) -> NoReturn:
+        kept = f"checkpoints up to step {self.saved} are kept" if self.saved else "no checkpoint was written"
+        raise VqtokError(f"training diverged at step {done}: {what}; {kept}. Start a new run (another --out) "
+                         f"with a lower --lr than {self.config.lr} or more --warmup steps than {self.config.warmup}")
 
     def validate(self) -> dict[str, float]:
         """Validation figures over the fixed held-out items (eval mode: no rotation, no codebook upkeep)."""
@@ -397,6 +489,12 @@ class _NoFile:
         return None
 
 
+def _finite(modules: Iterable[nn.Module]) -> bool:
+    """Whether every floating-point weight and buffer of `modules` is finite (one device sync)."""
+    checks = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def model_param_groups(model: Tokenizer, lr: float) -> list[dict[str, Any]]:
     """Encoder + decoder weights in one group; the quantizer says how its own parameters are optimised."""
     nets = [p for n, p in model.named_parameters() if not n.startswith("quantizer.")]
@@ -413,16 +511,43 @@ def _fit_model_config(config: ModelConfig, modality: str, paths: list[Path], siz
     config = dataclasses.replace(config, modality=modality)
     if modality == "image":
         config.in_channels = 3
-        config.image_size = size or data.default_image_size(paths, multiple=config.downsample)
+        config.image_size = data.default_image_size(paths, multiple=config.downsample) if size is None else size
     else:
         config.in_channels = 1
         config.downsample = math.prod(config.audio_strides)
-        config.sample_rate = sample_rate or default_sample_rate(paths)
+        config.sample_rate = default_sample_rate(paths) if sample_rate is None else sample_rate
     return config
 
 
-def _files_fingerprint(paths: list[Path]) -> str:
+def _check_out(out: Path) -> None:
+    """Refuse a run folder that cannot be made or written, before any training."""
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    if not nearest.is_dir():
+        raise VqtokError(f"{nearest}: a file, where --out {out} needs a folder; pick another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise VqtokError(f"{nearest}: not writable (permission denied), so --out {out} cannot be written; "
+                         "pick another --out")
+
+
+def _check_segment(segment: int, model_config: ModelConfig, loss: str) -> None:
+    """Refuse training segments (`segment` samples) too short for the `loss` reconstruction loss: its STFTs pad
+    each segment by half their window by reflection, which needs a segment longer than that."""
+    rate, hop = model_config.sample_rate, model_config.downsample
+    windows = [n_fft for n_fft, _ in (mel_sizes if loss == "waveform" else spectral_scales)(rate)]
+    if loss == "complex":
+        windows.append(complex_window(rate))
+    needed = max(windows) // 2 + 1
+    if segment < needed:
+        enough = math.ceil(needed / hop) * hop  # segments are whole hops
+        raise VqtokError(f"the {loss} loss needs training segments of more than {needed - 1} samples (half its "
+                         f"longest STFT window at {rate} Hz), got {segment}: raise --segment-seconds to "
+                         f"{math.ceil(1000 * enough / rate) / 1000:.3f} or more")
+
+
+def _files_fingerprint(paths: list[Path], resolve: bool = True) -> str:
+    """A hash of the data files' absolute paths (`resolve`), so a folder spelled another way is the same data;
+    without `resolve`, of the paths as spelled."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(str(p).encode() + b"\0")
+        h.update(str(p.resolve() if resolve else p).encode() + b"\0")
     return h.hexdigest()[:16]
