@@ -247,6 +247,17 @@ def test_encode_to_a_shard_for_training_on_tokens(model_path: Path, images: Path
     assert again.exit_code == 1 and "--force" in again.stderr
 
 
+def test_inspect_reads_shards_as_it_reads_token_files(model_path: Path, images: Path, tmp_path: Path) -> None:
+    for args in ((), ("--shard",)):
+        assert invoke("encode", model_path, images, "--out", tmp_path / f"t{len(args)}", *args).exit_code == 0
+    files = json.loads(invoke("inspect", tmp_path / "t0", "--json").stdout)
+    for source in (tmp_path / "t1", tmp_path / "t1" / "shard.shard.json"):
+        result = invoke("inspect", source, "--json")
+        assert result.exit_code == 0, result.output
+        shard = json.loads(result.stdout)
+        assert shard["files"] == files["files"] == 60 and shard["stages"] == files["stages"]
+
+
 @pytest.fixture(scope="module")
 def mosaics(tmp_path_factory, sample_images: Path) -> Path:
     """Three 112 x 112 images of 4 x 4 digits each: 784 codes a file, enough for entropy coding to pay for its

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from vqtok import __version__, zoo
 from vqtok.atomic import atomic_path
@@ -55,8 +55,17 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
         # int32 on disk: a count reaching 2^31 would take 2^31 code positions of fitting data.
         tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups.astype(np.int32))
         tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts.astype(np.int32))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    blob = save(tensors, metadata=metadata)
+    # safetensors writes its metadata map in no fixed order (a hash map, shuffled per call): the header is
+    # written again with sorted keys, so the same model and metadata always make the same bytes. The
+    # header's tensor offsets count from the end of the header, so the data that follows stays as it is.
+    size = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, padded with spaces as safetensors does
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(blob)[8 + size:])
     return fingerprint
 
 
@@ -84,7 +93,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
     """Rebuild the `Tokenizer` stored in `path` (config from the metadata, then the weights), in eval mode.
-    `path` may also name a shipped model ("mnist"; see vqtok.zoo)."""
+    `path` may also name a shipped model ("mnist"; see vqtok.zoo). Weights that do not give the fingerprint
+    stored beside them (flipped bytes) are refused: token files carry the fingerprint, and would otherwise
+    name a model that never made them."""
     path = zoo.resolve(path)
     metadata = read_metadata(path)
     if CONFIG_KEY not in metadata:
@@ -100,6 +111,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokeniz
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as err:
         raise VqtokError(f"{path}: weights do not match the stored config ({_first_line(err)})") from None
+    # Files without one (written by hand, with safetensors alone) have nothing to check against.
+    if FINGERPRINT_KEY in metadata and model.fingerprint() != metadata[FINGERPRINT_KEY]:
+        raise VqtokError(f"{path} is corrupt: its weights do not match its fingerprint")
     if groups is not None and counts is not None:
         try:
             model.context_table = ContextTable(model.code_frequencies(), groups.numpy().astype(np.int64),

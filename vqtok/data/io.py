@@ -8,6 +8,7 @@ report them instead, so one bad file does not stop a training run.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
+import torchaudio
 from PIL import Image, ImageOps
 
 from vqtok.atomic import atomic_path
@@ -30,6 +31,26 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Pillow's own guard (Image.MAX_IMAGE_PIXELS, ~89 Mpx) only warns below twice its value; a training input that
 # large is a mistake or an attack either way, so refuse it outright.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# Sample rates an audio file (or an audio token file) may have. 768 kHz is the highest rate recording
+# hardware and formats use (DXD, "PCM768"); a header beyond it is damaged or built to make the resampler
+# allocate without bound (2^31-1 Hz: tens of GB). Below 1 kHz a file holds nothing above 500 Hz, no signal these
+# models are for, and resampling multiplies it into ever more model samples (a 1 Hz file of 500 samples into
+# 500 s of 16 kHz audio).
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+
+# torchaudio's default windowed-sinc resampler (torchaudio.functional.resample): Hann window, 6 zero crossings
+# on each side, low-pass roll-off at 0.99 of the lower Nyquist frequency.
+LOWPASS_WIDTH = 6
+ROLLOFF = 0.99
+# Entries of torchaudio's resampling kernel beyond which `Resampler` keeps only the filter's nonzero taps. The
+# usual rates stay far below (the largest pair among 8-192 kHz files and 8-48 kHz models, 11,025 Hz <-> 16 kHz,
+# needs 291,200 entries), so they keep torchaudio's exact samples; rates that share few factors with the
+# other would need up to ~10^9 (44,101 Hz -> 16 kHz: 16,000 x 44,135).
+DENSE_KERNEL_LIMIT = 1 << 22
+# Output samples x taps gathered at once by the sparse resampler: 12 bytes each plus 4 per channel, ~64 MB.
+_GATHER_ENTRIES = 1 << 22
 
 Progress = Callable[[int], object]
 
@@ -120,16 +141,20 @@ def relative_namer(roots: Path | str | Sequence[Path | str]) -> Callable[[Path],
     given directly, or one outside every root, keeps just its file name. Built once for many files: it compares
     strings, about 2 us a file where pathlib takes 15.
     """
-    # Innermost roots first, each as "root/" so "data" does not claim "data2/x.png".
+    # Innermost roots first, each as "root/" so "data" does not claim "data2/x.png". The current folder is
+    # the exception: what `find_inputs` finds in it has no "./" in front (Path(".") / "a" is "a"), so it
+    # claims every relative path that does not climb out of it; else a/x.png and b/x.png would both be x.png.
     folders = sorted((os.fspath(root) for root in _as_list(roots)), key=len, reverse=True)
-    prefixes = [(folder, folder if folder.endswith(os.sep) else folder + os.sep) for folder in folders]
+    prefixes = [(folder, "" if folder == os.curdir else folder if folder.endswith(os.sep) else folder + os.sep)
+                for folder in folders]
 
     def name(path: Path) -> str:
         text = os.fspath(path)
         for folder, prefix in prefixes:
             if text == folder:
                 break
-            if text.startswith(prefix):
+            if text.startswith(prefix) and (prefix or not (os.path.isabs(text)
+                                                           or text.split(os.sep, 1)[0] == os.pardir)):
                 return text[len(prefix):].replace(os.sep, "/")
         return os.path.basename(text)
 
@@ -377,17 +402,97 @@ def _check_audio_file(path: Path) -> None:
         raise _BadInput("cannot read audio (empty file)")
 
 
+def _check_rate(rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise _BadInput(f"sample rate {rate:,} Hz is outside the {MIN_SAMPLE_RATE:,} to {MAX_SAMPLE_RATE:,} Hz "
+                        "vqtok takes")
+
+
+def check_sample_rate(path: Path | str, rate: int) -> None:
+    """`VqtokError` naming `path` unless `rate` is in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] Hz."""
+    try:
+        _check_rate(rate)
+    except _BadInput as err:
+        raise VqtokError(f"{path}: {err}") from None
+
+
 def audio_info(path: Path | str) -> tuple[int, int, int]:
-    """(sample_rate in Hz, frames, channels) from the file header, without decoding the samples."""
+    """(sample_rate in Hz, frames, channels) from the file header, without decoding the samples; a rate outside
+    [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] is refused."""
     path = Path(path)
     try:
         _check_audio_file(path)
         info = sf.info(str(path))
+        _check_rate(int(info.samplerate))
     except _BadInput as err:
         raise VqtokError(f"{path}: {err}") from None
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad headers
         raise VqtokError(f"{path}: cannot read audio ({_one_line(err)})") from None
     return int(info.samplerate), int(info.frames), int(info.channels)
+
+
+class Resampler:
+    """torchaudio's default resampler (`torchaudio.functional.resample`, see LOWPASS_WIDTH) from `rate` to
+    `new_rate` Hz, its filter built once for every wave it resamples: waves (..., T) float32 -> (..., ceil(T *
+    new_rate / rate)).
+
+    Output sample n is a sum over the inputs within `width` samples of its position n * rate / new_rate.
+    torchaudio builds one kernel row per output phase (up = new_rate / g of them, g the rates' gcd), each as
+    long as a whole input period plus the filter (down = rate / g, plus 2 * width), nearly all zeros: small
+    for the usual rates, GBs when the rates share few factors (11,127 Hz -> 16 kHz: 16,000 x 11,141). Beyond
+    DENSE_KERNEL_LIMIT entries the same filter is kept as its 2 * width + 1 nonzero taps per phase and applied
+    by gathering, output block by output block, so memory stays in the tens of MB for any pair of rates in
+    [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]. The taps are computed in float64, so the samples equal a float64
+    resample up to float32 rounding (~1e-6; torchaudio's float32 kernel is off by up to ~1e-3 at such rates).
+    """
+
+    def __init__(self, rate: int, new_rate: int):
+        self.rate, self.new_rate = rate, new_rate
+        g = math.gcd(rate, new_rate)
+        self.up, self.down = new_rate // g, rate // g
+        self.width = math.ceil(LOWPASS_WIDTH * self.down / (min(self.up, self.down) * ROLLOFF))
+        self._dense: torchaudio.transforms.Resample | None = None
+        if self.up == self.down:
+            return
+        if self.up * (2 * self.width + self.down) <= DENSE_KERNEL_LIMIT:
+            # float32 as torchaudio.functional.resample builds it for float32 waves, so the samples match it.
+            self._dense = torchaudio.transforms.Resample(rate, new_rate, dtype=torch.float32)
+            return
+        # Phase i (outputs n = b * up + i) starts at input b * down + offsets[i] - width.
+        phases = torch.arange(self.up, dtype=torch.int64)
+        self._offsets = phases * self.down // self.up
+        self._taps = torch.cat([self._phase_taps(phases[lo:lo + (1 << 16)]) for lo in range(0, self.up, 1 << 16)])
+
+    def _phase_taps(self, phases: torch.Tensor) -> torch.Tensor:
+        """The nonzero taps of these phases' kernel rows, (phases, 2 * width + 1) float32, as torchaudio
+        computes them (its t is (input time - output time) * base, from exact integers here)."""
+        base = min(self.up, self.down) * ROLLOFF
+        steps = torch.arange(-self.width, self.width + 1, dtype=torch.int64)
+        gap = (self._offsets[phases, None] + steps) * self.up - phases[:, None] * self.down
+        t = (gap.double() * (base / (self.up * self.down))).clamp_(-LOWPASS_WIDTH, LOWPASS_WIDTH)
+        window = torch.cos(t * (math.pi / LOWPASS_WIDTH / 2)) ** 2
+        t *= math.pi
+        sinc = torch.where(t == 0, torch.ones_like(t), t.sin() / t)
+        return (sinc * window * (base / self.down)).float()
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        if self.up == self.down:
+            return wave
+        if self._dense is not None:
+            return self._dense(wave)
+        flat = wave.reshape(-1, wave.shape[-1])
+        length = -(-flat.shape[1] * self.up // self.down)
+        padded = torch.nn.functional.pad(flat, (self.width, self.width + self.down))
+        out = flat.new_empty(flat.shape[0], length)
+        taps = self._taps.shape[1]
+        block = max(1, _GATHER_ENTRIES // taps)
+        for lo in range(0, length, block):
+            n = torch.arange(lo, min(lo + block, length), dtype=torch.int64)
+            phase = n % self.up
+            first = n // self.up * self.down + self._offsets[phase]
+            inputs = padded[:, first[:, None] + torch.arange(taps)]
+            out[:, lo:lo + len(n)] = torch.einsum("cnt,nt->cn", inputs, self._taps[phase])
+        return out.reshape(*wave.shape[:-1], length)
 
 
 def _read_audio(path: Path, sample_rate: int, mono: bool) -> torch.Tensor:
@@ -396,6 +501,7 @@ def _read_audio(path: Path, sample_rate: int, mono: bool) -> torch.Tensor:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:
         raise _BadInput(f"cannot read audio ({_one_line(err)})") from None
+    _check_rate(int(rate))
     if data.shape[0] == 0:
         raise _BadInput("no audio samples (empty or header-only file)")
     if not np.isfinite(data).all():
@@ -404,7 +510,7 @@ def _read_audio(path: Path, sample_rate: int, mono: bool) -> torch.Tensor:
     if mono and wave.shape[0] > 1:
         wave = wave.mean(0, keepdim=True)
     if rate != sample_rate:
-        wave = AF.resample(wave, int(rate), int(sample_rate))
+        wave = Resampler(int(rate), int(sample_rate))(wave)
     # Float files may exceed full scale and resampling can overshoot slightly; the model sees [-1, 1].
     return wave.clamp_(-1.0, 1.0)
 

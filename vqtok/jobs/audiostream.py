@@ -22,7 +22,6 @@ from typing import Protocol
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 from vqtok.data import io as data
 from vqtok.atomic import atomic_path
@@ -36,9 +35,6 @@ from vqtok.postfilter import CONTEXT_FRAMES, FRAMES_PER_WINDOW, sharpened_frames
 CHUNK_SECONDS = 30.0
 # Frames read at once from an MP3 file (see FileSignal).
 MP3_READ_AHEAD = 1 << 21
-# torchaudio's default sinc resampler: kernel half-width in zero crossings, and its low-pass roll-off.
-_LOWPASS_WIDTH = 6
-_ROLLOFF = 0.99
 
 
 class Signal(Protocol):
@@ -158,8 +154,9 @@ def resampled_length(length: int, rate: int, new_rate: int) -> int:
 
 
 class ResampledSignal:
-    """`source` resampled to `rate` with torchaudio's windowed-sinc resampler, clamped to [-1, 1]; `length`
-    (default: what resampling the whole source gives) cuts it shorter.
+    """`source` resampled to `rate` with torchaudio's windowed-sinc resampler (`data.Resampler`, its filter
+    built once for all reads), clamped to [-1, 1]; `length` (default: what resampling the whole source gives)
+    cuts it shorter.
 
     The resampler maps every `down` = source.rate / gcd input samples to `up` = rate / gcd outputs with a
     kernel `width` samples wide, so a read is widened to whole periods plus a margin that covers the kernel:
@@ -171,10 +168,9 @@ class ResampledSignal:
         self.rate = rate
         self.channels = source.channels
         self.length = resampled_length(source.length, source.rate, rate) if length is None else length
-        g = math.gcd(source.rate, rate)
-        self.up, self.down = rate // g, source.rate // g
-        width = math.ceil(_LOWPASS_WIDTH * self.down / (min(self.up, self.down) * _ROLLOFF))
-        self.margin = self.down * (math.ceil(width / self.down) + 1)
+        self.resample = data.Resampler(source.rate, rate)
+        self.up, self.down = self.resample.up, self.resample.down
+        self.margin = self.down * (math.ceil(self.resample.width / self.down) + 1)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         if self.up == self.down:
@@ -183,7 +179,7 @@ class ResampledSignal:
         last = -(-stop // self.up) * self.up
         src_first = first // self.up * self.down - self.margin
         src_last = last // self.up * self.down + self.margin
-        block = AF.resample(self.source.read(src_first, src_last), self.source.rate, self.rate)
+        block = self.resample(self.source.read(src_first, src_last))
         skip = self.margin // self.down * self.up
         return _place(block[:, skip:].clamp_(-1.0, 1.0), first, start, stop, self.length)
 

@@ -122,7 +122,10 @@ def encode_files(
     on_file: FileCallback | None = None,
 ) -> RunReport:
     """Encode every image or audio file under `inputs` into `out/<relative path>.vqt` (e.g. a/b.jpg ->
-    out/a/b.jpg.vqt); files whose token file exists are skipped unless `force`.
+    out/a/b.jpg.vqt); files whose token file exists are skipped unless `force`, but one made by another model
+    or with other options (`output_settings`) is reported as failed and kept. Inputs of different roots that
+    share a relative name (x.png in two folders) would share an output: the first writes it, the others are
+    reported as failed.
 
     Images are decoded by `num_workers` processes (default: `encode_workers`; 0 decodes in this process),
     `batch_size` files at a time (on a CPU see `encode_job_files`, and encoded there too), and the model
@@ -153,7 +156,8 @@ def encode_files(
     notify = on_file or (lambda _p, _o: None)
     fields = {"fingerprint": model.fingerprint(), "modality": modality}
     sink = (_TokenShard(out, part, model.config.quantizer.codebook_size, fields["fingerprint"], report) if shard
-            else _TokenFiles(out, model, codec, stages, report))
+            else _TokenFiles(out, model, codec, stages, report, model_path,
+                             output_settings(model, fields["fingerprint"], codec, stages, channels, refine)))
 
     # A shard run names its files when it writes them, on the writer thread, so it spends nothing on names before
     # its first batch; a .vqt run names them up front too, to skip those already written.
@@ -161,7 +165,8 @@ def encode_files(
 
     todo = sink.select(take_part(paths, part), source, force, notify)
 
-    results = _Results(sink, source, todo, fields, report, notify)
+    # A .vqt run claims every output name in `select`, before any worker writes; a shard run as it writes.
+    results = _Results(sink, source, todo, fields, report, notify, _Claims() if shard else None)
     workers = encode_workers(dev) if num_workers is None else num_workers
     store = results.store if isinstance(sink, _TokenFiles) else None
     try:
@@ -184,9 +189,9 @@ class _Results:
     (or count what a worker wrote with `store`), report it and tell `notify`."""
 
     def __init__(self, sink: _TokenFiles | _TokenShard, source: Callable[[Path], str], todo: list[Path],
-                 fields: dict, report: RunReport, notify: FileCallback) -> None:
+                 fields: dict, report: RunReport, notify: FileCallback, claims: _Claims | None = None) -> None:
         self.sink, self.source, self.todo, self.fields = sink, source, todo, fields
-        self.report, self.notify = report, notify
+        self.report, self.notify, self.claims = report, notify, claims
 
     def store(self, index: int, codes: np.ndarray, extra: dict) -> Stored | VqtokError:
         """Write one .vqt file, in a worker process (see `encode_image_files`, `encode_audio_files`); its error
@@ -199,10 +204,14 @@ class _Results:
             return err
 
     def write(self, index: int, result: np.ndarray | Stored | VqtokError, extra: dict) -> None:
-        """Codes (S, *grid) to write, or what `store` wrote in a worker."""
+        """Codes (S, *grid) to write, or what `store` wrote in a worker; with `claims`, a file whose name an
+        earlier one took is reported instead."""
         name = self.source(self.todo[index])
         if isinstance(result, VqtokError):
             raise result
+        if self.claims is not None and (clash := self.claims.clash(name, self.todo[index])):
+            self.failed(index, clash)
+            return
         if isinstance(result, Stored):
             self.sink.record(name, result.bytes)
             self.report.tokens += result.tokens
@@ -214,6 +223,35 @@ class _Results:
     def failed(self, index: int, reason: str) -> None:
         self.report.failed.append((str(self.todo[index]), reason))
         self.notify(self.todo[index], "failed")
+
+
+def output_settings(model: Tokenizer, fingerprint: str, codec: str, stages: int | None, channels: str,
+                    refine: Refinement) -> dict:
+    """The header fields an encode with these options gives every token file, and so those an existing one
+    must hold to count as done: the model's fingerprint, the stages, the codec of a packed run (an entropy run
+    writes a file packed when that is smaller, see `encode_with_fallback`) and, for audio, the channel mode
+    and how the codes were chosen ("refine", "search"; None when not)."""
+    fields: dict = {"fingerprint": fingerprint, "stages": stages or model.config.quantizer.stages}
+    if codec == "packed":
+        fields["codec"] = codec
+    if model.config.modality == "audio":
+        chosen = refine.header_fields()
+        fields.update(channel_mode=channels, refine=chosen.get("refine"), search=chosen.get("search"))
+    return fields
+
+
+class _Claims:
+    """The outputs of one run and the input each belongs to: two inputs with one output (x.png in two input
+    folders; a.png and a.jpg decoded) would overwrite each other, or share a name in a shard. The first one
+    (in file order) keeps it."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, Path] = {}
+
+    def clash(self, output: str, path: Path) -> str | None:
+        """None when `output` is `path`'s, else why `path` is not written, in one line."""
+        owner = self.owners.setdefault(output, path)
+        return None if owner == path else f"{path}: not written: its output {output} is {owner}'s"
 
 
 def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size: int,
@@ -231,8 +269,10 @@ def _check_encode_options(channels: str, chunk_seconds: float | None, batch_size
 class _TokenFiles:
     """Where a .vqt run writes: one token file per input, out/<relative name>.vqt."""
 
-    def __init__(self, out: Path, model: Tokenizer, codec: str, stages: int | None, report: RunReport) -> None:
+    def __init__(self, out: Path, model: Tokenizer, codec: str, stages: int | None, report: RunReport,
+                 model_path: Path, settings: dict) -> None:
         self.out, self.codec, self.report = out, codec, report
+        self.model_path, self.settings = model_path, settings
         self.codebook_size = model.config.quantizer.codebook_size
         self.table = code_table(model)[: stages or None] if codec == "entropy" else None
 
@@ -243,17 +283,40 @@ class _TokenFiles:
 
     def select(self, paths: list[Path], source: Callable[[Path], str], force: bool,
                notify: FileCallback) -> list[Path]:
-        """The inputs still to encode: all with `force`, else those without a token file. `source`: an input's
+        """The inputs still to encode: all with `force`, else those without a token file from this model and
+        these `settings`. An input whose token file another input in the list has is reported as failed, as is
+        one whose token file is from another model or other settings (unless `force`). `source`: an input's
         relative name."""
         left = []
+        claims = _Claims()
         for path in paths:
             target = self.target(source(path))
-            if force or not os.path.exists(target):
+            problem = claims.clash(target, path)
+            if problem is None and not force and os.path.exists(target):
+                problem = self._other_run(target)
+                if problem is None:
+                    self.report.existing.append(target)
+                    notify(path, "exists")
+                    continue
+            if problem is None:
                 left.append(path)
             else:
-                self.report.existing.append(target)
-                notify(path, "exists")
+                self.report.failed.append((str(path), problem))
+                notify(path, "failed")
         return left
+
+    def _other_run(self, target: str) -> str | None:
+        """Why the token file at `target` is not this run's output (its header only is read), or None."""
+        header = peek_header(target)
+        if header is None:
+            return f"{target}: exists but is not a readable token file; --force to overwrite"
+        if header.get("fingerprint") != self.settings["fingerprint"]:
+            return (f"{target}: written by model {header.get('fingerprint')}, not {self.model_path} "
+                    f"({self.settings['fingerprint']}); --force to overwrite")
+        for key, value in self.settings.items():
+            if header.get(key) != value:
+                return f"{target}: written with {key} {header.get(key)}, this run gives {value}; --force to overwrite"
+        return None
 
     def write(self, source: str, codes: np.ndarray, header: dict) -> None:
         self.record(source, self.store(source, codes, header))
@@ -300,7 +363,9 @@ class _TokenShard:
         if descriptor.exists() and not force:
             if self.part[1] == 1:
                 raise VqtokError(f"{self.out} already holds a token shard; pass --force to rewrite it")
-            self.report.existing.append(str(descriptor))
+            for path in paths:
+                self.report.existing.append(str(path))
+                notify(path, "exists")
             return []
         if paths:
             self.writer = ShardWriter(self.out, self.name, codebook_size=self.codebook_size,
@@ -309,6 +374,7 @@ class _TokenShard:
 
     def write(self, source: str, codes: np.ndarray, header: dict) -> None:
         self.writer.add(source, codes, header)
+        self.report.written.append(source)
 
     def finish(self) -> None:
         """Close the shard (its descriptor is written last, so it appears only complete)."""
@@ -317,7 +383,7 @@ class _TokenShard:
         if not self.report.tokens:
             self.writer.abort()
             raise VqtokError(f"nothing to write to the shard in {self.out}: no input could be encoded")
-        self.report.written.append(str(self.writer.close()))
+        self.writer.close()
         self.report.bytes = sum(p.stat().st_size for p in self.out.glob(f"{self.name}.*"))
 
     def abort(self) -> None:
@@ -562,9 +628,11 @@ def decode_files(
     """Decode every token file under `inputs` to a PNG at its original size, or a 16-bit WAV at its original
     sample rate and length, mirroring the tree under `out`; audio through the postfilter (vqtok.postfilter)
     at strength `postfilter` when it is non-zero. Token files written by another model (different
-    fingerprint) are refused and reported. Images above `tiles.WHOLE_IMAGE_PIXELS` are decoded tile by tile;
-    a token file claiming a size that encode would refuse (`data.MAX_IMAGE_PIXELS`) is refused before its codes
-    are read."""
+    fingerprint), or whose codes the model cannot decode (`check_codes_fit`), are refused and reported, as is
+    each token file whose output an earlier one in the list has (a.png.vqt and a.jpg.vqt both decode to
+    a.png) and an output that cannot be written. Images above `tiles.WHOLE_IMAGE_PIXELS` are decoded tile by
+    tile; a token file claiming a size that encode would refuse (`data.MAX_IMAGE_PIXELS`) is refused before
+    its codes are read."""
     begin = time.perf_counter()
     dev = pick_device(device)
     model = load(model_path, dev)
@@ -573,26 +641,35 @@ def decode_files(
     table = code_table(model)
     report = RunReport()
     notify = on_file or (lambda _p, _o: None)
+    claims = _Claims()
     for token_path, root in find_token_files(inputs):
         target = out / decoded_name(token_path, root, model.config.modality)
-        if target.exists() and not force:
+        clash = claims.clash(str(target), token_path)
+        # A folder in the output's place is no finished output: writing then reports it.
+        if clash is None and target.is_file() and not force:
             report.existing.append(str(target))
             notify(token_path, "exists")
             continue
         try:
+            if clash is not None:
+                raise VqtokError(clash)
             size = checked_image_size(token_path, model.hop) if model.config.modality == "image" else None
             tokens = read_tokens_for_model(token_path, table)
             if tokens.header.get("fingerprint") != fingerprint:
                 raise VqtokError(f"{token_path}: written by model {tokens.header.get('fingerprint')}, "
                                  f"not by {model_path} ({fingerprint})")
+            check_codes_fit(tokens, model, token_path)
             codes = torch.from_numpy(tokens.codes.astype(np.int64))
-            if model.config.modality == "audio":
-                decode_audio(model, codes, tokens.header, target, token_path, postfilter)
-            elif needs_tiles(*size):
-                data.save_image(target, decode_tiled(model, codes, size=size))
-            else:
-                image = model.decode(codes.unsqueeze(0).to(dev))[0]
-                data.save_image(target, image[:, :size[0], :size[1]].cpu())
+            try:
+                if model.config.modality == "audio":
+                    decode_audio(model, codes, tokens.header, target, token_path, postfilter)
+                elif needs_tiles(*size):
+                    data.save_image(target, decode_tiled(model, codes, size=size))
+                else:
+                    image = model.decode(codes.unsqueeze(0).to(dev))[0]
+                    data.save_image(target, image[:, :size[0], :size[1]].cpu())
+            except OSError as err:
+                raise VqtokError(f"{target}: cannot write the decoded file ({err.strerror or err})") from None
         except (TokenFileError, VqtokError) as err:
             report.failed.append((str(token_path), str(err)))
             notify(token_path, "failed")
@@ -605,6 +682,24 @@ def decode_files(
     return report
 
 
+def check_codes_fit(tokens: Tokens, model: Tokenizer, token_path: Path) -> None:
+    """`VqtokError` naming the file unless `model` can decode its codes: codes of the model's modality and
+    codebook size (`read_tokens` has checked every code against the latter), at most its stages, and a grid of
+    its kind, (h, w) for images, (frames) or (channels, frames) for audio."""
+    header, config = tokens.header, model.config
+    stages, codebook_size = config.quantizer.stages, config.quantizer.codebook_size
+    if header.get("modality") != config.modality:
+        raise VqtokError(f"{token_path}: holds {header.get('modality')} codes, the model is an {config.modality} model")
+    if header.get("codebook_size") != codebook_size:
+        raise VqtokError(f"{token_path}: codes from a codebook of {header.get('codebook_size')}, the model's has "
+                         f"{codebook_size}")
+    if tokens.codes.shape[0] > stages:
+        raise VqtokError(f"{token_path}: {tokens.codes.shape[0]} stages of codes, the model has {stages}")
+    if tokens.codes.ndim not in ((3,) if config.modality == "image" else (2, 3)):
+        raise VqtokError(f"{token_path}: a code grid of {tokens.codes.ndim - 1} dimensions does not fit an "
+                         f"{config.modality} model")
+
+
 def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Path, token_path: Path,
                  postfilter: float = 0.0) -> None:
     """Write the WAV of audio codes (S, frames) or (S, C, frames) at the header's original rate and length,
@@ -613,8 +708,9 @@ def decode_audio(model: Tokenizer, codes: torch.Tensor, header: dict, target: Pa
         rate, length = int(header["original_sample_rate"]), int(header["original_length"])
     except (KeyError, TypeError, ValueError):
         raise VqtokError(f"{token_path}: not an audio token file (no original_sample_rate / original_length)") from None
-    if rate <= 0 or length < 0:
-        raise VqtokError(f"{token_path}: bad original rate {rate} or length {length}")
+    data.check_sample_rate(token_path, rate)
+    if length < 0:
+        raise VqtokError(f"{token_path}: bad original length {length}")
     frames, needed = codes.shape[-1], -(-resampled_length(length, rate, model.config.sample_rate) // model.hop)
     if frames != needed:
         raise VqtokError(f"{token_path}: {frames} code frames, but {length} samples at {rate} Hz need {needed}")

@@ -23,6 +23,7 @@ from vqtok.device import pick_device
 from vqtok.errors import TokenFileError, VqtokError
 from vqtok.evaluate import AudioEvaluator, ImageEvaluator
 from vqtok.nets.tokenizer import Tokenizer
+from vqtok.tokens.shards import DESCRIPTOR_SUFFIX, Shard
 from vqtok.tokens.tokfile import CodeTable
 from vqtok.jobs.pipeline import (audio_header, code_table, find_token_files, image_batches,
                                  load_for_inputs, read_tokens_for_model)
@@ -69,45 +70,99 @@ class InspectReport:
 
 
 def inspect_tokens(inputs: Sequence[Path], table: CodeTable | None = None, top: int = 10) -> InspectReport:
-    """Count codes over every .vqt file under `inputs`. All files must share one model (fingerprint); files
-    with fewer stages than others (`vqtok encode --stages N`) count toward their own stages only. A file whose
-    codebook size differs from the first file's is reported and skipped. `table`: the model's code-frequency
-    table, needed only for files entropy-coded with it. `top`: most used codes listed per stage."""
-    counts: np.ndarray | None = None
-    fingerprint = None
+    """Count codes over every .vqt file under `inputs` and every token shard (`vqtok encode --shard`: a
+    `*.shard.json` given, or in a folder given). All must share one model (fingerprint); files with fewer stages
+    than others (`vqtok encode --stages N`) count toward their own stages only. A file whose codebook size
+    differs from the first one's is reported and skipped. `table`: the model's code-frequency table, needed only
+    for files entropy-coded with it. `top`: most used codes listed per stage."""
     report = InspectReport(source=", ".join(str(p) for p in inputs), files=0, codebook_size=0,
                            counts=np.zeros((0, 0), np.int64), top=top)
-    for path, _root in find_token_files(inputs):
+    counter = _CodeCounter(report)
+    descriptors = [d for p in inputs for d in _shard_descriptors(Path(p))]
+    for descriptor in descriptors:
+        try:
+            shard = Shard(descriptor)
+        except TokenFileError as err:
+            report.failed.append((str(descriptor), str(err)))
+            continue
+        if counter.admits(descriptor, shard.fingerprint, shard.codebook_size):
+            counter.add_shard(shard)
+    plain = [Path(p) for p in inputs if not Path(p).name.endswith(DESCRIPTOR_SUFFIX)]
+    try:
+        token_files = find_token_files(plain) if plain else []
+    except VqtokError:
+        if not descriptors:
+            raise
+        token_files = []  # a folder of shards alone
+    for path, _root in token_files:
         try:
             tokens = read_tokens_for_model(path, table)
         except TokenFileError as err:
             report.failed.append((str(path), str(err)))
             continue
         header = tokens.header
-        size = int(header["codebook_size"])
-        if fingerprint is None:
-            fingerprint, report.codebook_size = header["fingerprint"], size
-            counts = np.zeros((0, size), np.int64)
-        elif header["fingerprint"] != fingerprint:
-            raise VqtokError(f"{path}: written by model {header['fingerprint']}, but earlier files by {fingerprint}; "
-                             "inspect one model's tokens at a time")
-        elif size != report.codebook_size:
-            report.failed.append((str(path), f"{path}: codebook size {size}, but earlier files of model {fingerprint} "
-                                             f"have {report.codebook_size} (the header is inconsistent)"))
-            continue
-        assert counts is not None
-        flat = tokens.codes.reshape(tokens.codes.shape[0], -1)
-        if flat.shape[0] > counts.shape[0]:
-            counts = np.concatenate([counts, np.zeros((flat.shape[0] - counts.shape[0], size), np.int64)])
-        for s, row in enumerate(flat):
-            counts[s] += np.bincount(row, minlength=size)
-        report.files += 1
-        report.file_bytes += path.stat().st_size
-    if counts is None:
+        if counter.admits(path, header["fingerprint"], int(header["codebook_size"])):
+            counter.add(tokens.codes.reshape(tokens.codes.shape[0], -1))
+            report.files += 1
+            report.file_bytes += path.stat().st_size
+    if counter.counts is None:
         raise VqtokError(f"none of the token files under {report.source} could be read "
                          f"(first: {report.failed[0][1]})")
-    report.counts = counts
+    report.counts = counter.counts
     return report
+
+
+def _shard_descriptors(path: Path) -> list[Path]:
+    """The token shard descriptors `path` names: itself when it is one, those directly in it when a folder."""
+    if path.name.endswith(DESCRIPTOR_SUFFIX):
+        return [path]
+    return sorted(path.glob(f"*{DESCRIPTOR_SUFFIX}")) if path.is_dir() else []
+
+
+class _CodeCounter:
+    """Code counts per stage (S, K) over token files and shards of one model, the first one read fixing the
+    model (fingerprint) and K; the rows grow with the most stages seen."""
+
+    def __init__(self, report: InspectReport):
+        self.report = report
+        self.counts: np.ndarray | None = None
+        self.fingerprint: str | None = None
+
+    def admits(self, path: Path, fingerprint: str | None, codebook_size: int) -> bool:
+        """Whether codes from `path` can be counted here: VqtokError for another model's, False (reported in
+        `report.failed`) for an inconsistent codebook size."""
+        if self.counts is None:
+            self.fingerprint, self.report.codebook_size = fingerprint, codebook_size
+            self.counts = np.zeros((0, codebook_size), np.int64)
+        elif fingerprint != self.fingerprint:
+            raise VqtokError(f"{path}: written by model {fingerprint}, but earlier files by {self.fingerprint}; "
+                             "inspect one model's tokens at a time")
+        elif codebook_size != self.report.codebook_size:
+            self.report.failed.append((str(path), f"{path}: codebook size {codebook_size}, but earlier files of "
+                                                  f"model {self.fingerprint} have {self.report.codebook_size} "
+                                                  "(the header is inconsistent)"))
+            return False
+        return True
+
+    def add(self, codes: np.ndarray) -> None:
+        """Count codes (S, n), row s being stage s."""
+        assert self.counts is not None
+        k = self.report.codebook_size
+        if codes.shape[0] > self.counts.shape[0]:
+            self.counts = np.concatenate([self.counts, np.zeros((codes.shape[0] - self.counts.shape[0], k), np.int64)])
+        for s, row in enumerate(codes):
+            self.counts[s] += np.bincount(row, minlength=k)
+
+    def add_shard(self, shard: Shard) -> None:
+        """Count every item of a shard (each item's codes are (S, *grid) in C order, one stage after another)
+        and add its four files' bytes."""
+        stages = shard.stages
+        for lo, hi in zip(shard.index[:-1], shard.index[1:]):
+            self.add(np.asarray(shard.codes[lo:hi]).astype(np.int64).reshape(stages, -1))
+        base = str(shard.descriptor)[: -len(DESCRIPTOR_SUFFIX)]
+        self.report.files += len(shard)
+        self.report.file_bytes += sum(Path(base + suffix).stat().st_size
+                                      for suffix in (".codes.npy", ".index.npy", ".items.jsonl", DESCRIPTOR_SUFFIX))
 
 
 def inspect_model(model_path: Path, inputs: Sequence[Path], *, device: str = "auto",

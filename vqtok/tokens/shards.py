@@ -148,7 +148,7 @@ def write_shard(out_dir: str | os.PathLike, items: Iterable[tuple[str, np.ndarra
     return writer.close()
 
 
-class _Shard:
+class Shard:
     """One opened shard: descriptor, memory-mapped codes and index, per-item metadata."""
 
     def __init__(self, descriptor: Path) -> None:
@@ -250,7 +250,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self._open()
 
     def _open(self) -> None:
-        self._shards = [_Shard(d) for d in self.descriptors]
+        self._shards = [Shard(d) for d in self.descriptors]
         first = self._shards[0]
         for shard in self._shards[1:]:
             if (shard.codebook_size, shard.stages, shard.fingerprint) != (first.codebook_size, first.stages, first.fingerprint):
@@ -261,7 +261,7 @@ class TokenDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _locate(self, i: int) -> tuple[_Shard, int]:
+    def _locate(self, i: int) -> tuple[Shard, int]:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
