@@ -12,9 +12,9 @@ import warnings
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
 
 from vqtok import stats
+from vqtok.data.io import Resampler
 
 # PESQ wide-band is defined at 16 kHz only; STOI resamples to 10 kHz by itself.
 SPEECH_RATE = 16000
@@ -54,9 +54,9 @@ def stoi_bands(n_fft: int, rate: int, device: torch.device | None = None) -> tor
 
 def at_speech_rate(wave: torch.Tensor, rate: int) -> torch.Tensor:
     """A mono wave (T,) or (1, T) at `rate` Hz -> float32 (T',) at SPEECH_RATE (torchaudio's windowed-sinc
-    resampler when the rates differ), on the CPU."""
+    resampler when the rates differ, `data.io.Resampler`), on the CPU."""
     wave = wave.detach().reshape(-1).float().cpu()
-    return wave if rate == SPEECH_RATE else AF.resample(wave, rate, SPEECH_RATE)
+    return wave if rate == SPEECH_RATE else Resampler(rate, SPEECH_RATE)(wave)
 
 
 def align(reference: torch.Tensor, degraded: torch.Tensor, rate: int,

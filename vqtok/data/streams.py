@@ -23,7 +23,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
@@ -281,7 +280,7 @@ class AudioSegments(_FileItems):
             raise VqtokError(f"{path}: audio holds NaN or infinite samples")
         wave = torch.from_numpy(np.ascontiguousarray(block.T)).mean(0, keepdim=True)
         if margin:
-            wave = AF.resample(wave, source, target)  # it reduces the ratio by the common divisor itself
+            wave = io.Resampler(source, target)(wave)  # bounded memory even where the rates share few factors
             skip = round((start - lo) * target / source)
             wave = wave[:, skip:]
         return wave.clamp_(-1.0, 1.0)
