@@ -249,6 +249,15 @@ def test_find_inputs_recursive_sorted_hidden_ignored(tmp_path):
     assert [name(p) for p in files] == expected
 
 
+def test_find_inputs_follows_linked_folders_once(tmp_path):
+    for rel in ["elsewhere/digits/1.png", "data/own/2.png"]:
+        _touch(tmp_path / rel)
+    (tmp_path / "data" / "digits").symlink_to(tmp_path / "elsewhere" / "digits")
+    (tmp_path / "data" / "own" / "loop").symlink_to(tmp_path / "data")  # a link back up the tree
+    _, files = data.find_inputs(tmp_path / "data")
+    assert [p.relative_to(tmp_path / "data").as_posix() for p in files] == ["digits/1.png", "own/2.png"]
+
+
 def test_find_inputs_mixed_is_an_error(tmp_path):
     _touch(tmp_path / "a.png")
     _touch(tmp_path / "deep" / "b.wav")

@@ -70,11 +70,18 @@ def _as_list(paths: Path | str | Sequence[Path | str]) -> list[Path]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Every non-hidden file under `folder`, recursively, sorted by relative path."""
+    """Every non-hidden file under `folder`, recursively, sorted by relative path. Linked folders are followed
+    (a data set is often assembled from links), each real folder once, so a link back up the tree ends there."""
     # Sorted on (relative folder parts, name) built from strings, and each Path made as its folder's Path / name
     # (pathlib parses only the name): a dataset's 10^5 files cost one cheap Path each.
     found: list[tuple[tuple[str, ...], Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, folder)
         parts = () if rel == os.curdir else tuple(rel.split(os.sep))
