@@ -60,3 +60,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 8 kHz audio model, 8 samples a frame, 2 stages of 16 codes."""
+    from vqtok.config import ModelConfig, QuantizerConfig
+    from vqtok.modelfile import save_model
+    from vqtok.nets.tokenizer import Tokenizer
+
+    config = ModelConfig(modality="audio", in_channels=1, channels=16, res_blocks=1, sample_rate=8000,
+                         audio_strides=(2, 4), downsample=8,
+                         quantizer=QuantizerConfig(dim=8, codebook_size=16, stages=2))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("audio_model") / "audio.safetensors"
+    save_model(Tokenizer(config), path)
+    return path

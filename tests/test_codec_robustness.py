@@ -53,18 +53,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _image_model(tmp_path_factory.mktemp("model"), 0)
 
 
-@pytest.fixture(scope="module")
-def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained 8 kHz audio model, 8 samples a frame, 2 stages of 16 codes."""
-    config = ModelConfig(modality="audio", in_channels=1, channels=16, res_blocks=1, sample_rate=8000,
-                         audio_strides=(2, 4), downsample=8,
-                         quantizer=QuantizerConfig(dim=8, codebook_size=16, stages=2))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("audio_model") / "audio.safetensors"
-    save_model(Tokenizer(config), path)
-    return path
-
-
 def _digits(sample_images: Path, folder: Path, names: list[str]) -> Path:
     """Copies of different MNIST digits under `names` (a .jpg is re-encoded as JPEG)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -335,17 +335,6 @@ def test_encode_leaves_the_callers_rng_and_threads_alone(model_path: Path, image
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
 
 
-@pytest.fixture(scope="module")
-def audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = ModelConfig(modality="audio", in_channels=1, channels=16, res_blocks=1, sample_rate=8000,
-                         audio_strides=(2, 4), downsample=8,
-                         quantizer=QuantizerConfig(dim=8, codebook_size=16, stages=2))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("audio_model") / "audio.safetensors"
-    save_model(Tokenizer(config), path)
-    return path
-
-
 @pytest.fixture
 def sounds(sample_audio: Path, tmp_path: Path) -> Path:
     """5 FSDD WAVs, one in a subfolder."""
