@@ -19,7 +19,7 @@ from vqtok.cli import app
 from conftest import copy_first
 from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VqtokError
-from vqtok.modelfile import CONTEXT_COUNTS, CONTEXT_GROUPS
+from vqtok.modelfile import CONTEXT_KEYS
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.training.adversarial import (Adversary, Discriminator, discriminator_loss, feature_loss, generator_loss,
                                         stft_windows)
@@ -137,7 +137,7 @@ def test_terms_are_logged_from_the_switch(run: Path) -> None:
 
 def test_model_file_has_no_discriminator(run: Path) -> None:
     shipped = set(load_file(str(run / "model.safetensors")))
-    assert shipped == set(Tokenizer(audio_config()).state_dict()) | {CONTEXT_GROUPS, CONTEXT_COUNTS}
+    assert shipped == set(Tokenizer(audio_config()).state_dict()) | set(CONTEXT_KEYS)
     checkpoint = load_file(str(run / "checkpoints" / "step_0000012.safetensors"))
     assert any(k.startswith("disc.scales.") for k in checkpoint)
     assert any(k.startswith("disc_optim.") and k.endswith("exp_avg") for k in checkpoint)

@@ -10,13 +10,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from conftest import SAMPLES
 from vqtok.config import ModelConfig, QuantizerConfig
-from vqtok.errors import TokenFileError
+from vqtok.errors import TokenFileError, VqtokError
 from vqtok.jobs.contexts import fit_context_table, group_count
 from vqtok.jobs.pipeline import code_table
-from vqtok.modelfile import load, save_model
+from vqtok.modelfile import (CONTEXT_COUNTS, CONTEXT_INDEX, CONTEXT_SHAPE, CONTEXT_VALUE, load, read_metadata,
+                             save_model)
 from vqtok.nets.tokenizer import Tokenizer
 from vqtok.tokens import context
 from vqtok.tokens.context import ContextTable
@@ -130,6 +132,55 @@ def test_model_file_keeps_the_tables_and_the_fingerprint(tmp_path: Path) -> None
     assert np.array_equal(table.counts, model.context_table.counts)
     assert np.array_equal(table.groups, model.context_table.groups)
     assert np.array_equal(table.order0, model.code_frequencies())
+
+
+def small_model_with_table(codebook_size: int, fitted_codes: int) -> Tokenizer:
+    """A 2-stage model whose context table was fitted on `fitted_codes` random codes a stage: most of its
+    (2, G + 1, K) cells stay zero when K is large, as with a real fit."""
+    torch.manual_seed(0)
+    model = Tokenizer(ModelConfig(channels=16, res_channels=8, downsample=8,
+                                  quantizer=QuantizerConfig(dim=4, codebook_size=codebook_size, stages=2))).eval()
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, codebook_size, size=(2, 1, fitted_codes))]
+    model.context_table = context.fit([vq.codes().detach().numpy() for vq in model.quantizer.quantizers], codes,
+                                      model.code_frequencies(), group_count(codebook_size))
+    return model
+
+
+def test_model_file_stores_a_large_table_by_its_nonzero_counts(tmp_path: Path) -> None:
+    model = small_model_with_table(16384, fitted_codes=2000)
+    dense_bytes = model.context_table.counts.size * 4
+    save_model(model, tmp_path / "m.safetensors")
+    table = code_table(load(tmp_path / "m.safetensors"))
+    assert np.array_equal(table.counts, model.context_table.counts)
+    assert np.array_equal(table.groups, model.context_table.groups)
+    # 2 x 65 x 16,384 int32 counts would take 8.5 MB; 4,000 fitted codes leave at most 4,000 nonzero cells.
+    stored = load_file(str(tmp_path / "m.safetensors"))
+    counts_bytes = sum(stored[k].nbytes for k in (CONTEXT_SHAPE, CONTEXT_INDEX, CONTEXT_VALUE))
+    assert counts_bytes <= 4000 * 8 + 24 < dense_bytes / 100
+
+
+def test_model_files_with_dense_tables_still_load(tmp_path: Path) -> None:
+    model = small_model_with_table(32, fitted_codes=200)
+    save_model(model, tmp_path / "m.safetensors")
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    for key in (CONTEXT_SHAPE, CONTEXT_INDEX, CONTEXT_VALUE):
+        del tensors[key]
+    tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts.astype(np.int32))
+    save_file(tensors, str(tmp_path / "dense.safetensors"), metadata=read_metadata(tmp_path / "m.safetensors"))
+    assert np.array_equal(code_table(load(tmp_path / "dense.safetensors")).counts, model.context_table.counts)
+
+
+def test_model_file_with_broken_sparse_counts_is_refused(tmp_path: Path) -> None:
+    model = small_model_with_table(32, fitted_codes=200)
+    save_model(model, tmp_path / "m.safetensors")
+    metadata = read_metadata(tmp_path / "m.safetensors")
+    for key, change in ((CONTEXT_INDEX, lambda t: t + 10**6), (CONTEXT_VALUE, lambda t: t[:-1])):
+        tensors = load_file(str(tmp_path / "m.safetensors"))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        with pytest.raises(VqtokError, match="bad.safetensors: bad context tables"):
+            load(tmp_path / "bad.safetensors")
 
 
 def test_file_codes_encode_as_vqtok_encode_does_and_report_unreadable_files(tmp_path: Path, monkeypatch) -> None:

@@ -24,9 +24,16 @@ from vqtok.tokens.context import ContextTable
 CONFIG_KEY = "vqtok.config"
 VERSION_KEY = "vqtok.version"
 FINGERPRINT_KEY = "vqtok.fingerprint"
-# The entropy codec's context tables (vqtok.tokens.context), beside the weights when the model has them.
+# The entropy codec's context tables (vqtok.tokens.context), beside the weights when the model has them. The
+# (S, G + 1, K) counts are stored as their nonzero entries: flat indices and values, with the shape. Fitting
+# data fills few of the cells when K is large (16,384 codes: 8.5 M cells, 34 MB dense, against at most one
+# entry per fitted code). Files written before keep one dense tensor, which `load` still reads.
 CONTEXT_GROUPS = "context.groups"
 CONTEXT_COUNTS = "context.counts"
+CONTEXT_SHAPE = "context.counts_shape"
+CONTEXT_INDEX = "context.counts_index"
+CONTEXT_VALUE = "context.counts_value"
+CONTEXT_KEYS = (CONTEXT_GROUPS, CONTEXT_SHAPE, CONTEXT_INDEX, CONTEXT_VALUE)
 # The state-dict prefixes of the nets, which `save_model(half_nets=True)` stores in float16.
 NETS = ("encoder.", "decoder.")
 
@@ -52,9 +59,7 @@ def save_model(model: Tokenizer, path: str | os.PathLike, extra: dict[str, str] 
     if half_nets:
         tensors.update({k: v.half() for k, v in tensors.items() if k.startswith(NETS) and v.is_floating_point()})
     if model.context_table is not None:
-        # int32 on disk: a count reaching 2^31 would take 2^31 code positions of fitting data.
-        tensors[CONTEXT_GROUPS] = torch.from_numpy(model.context_table.groups.astype(np.int32))
-        tensors[CONTEXT_COUNTS] = torch.from_numpy(model.context_table.counts.astype(np.int32))
+        tensors.update(_context_tensors(model.context_table))
     blob = save(tensors, metadata=metadata)
     # safetensors writes its metadata map in no fixed order (a hash map, shuffled per call): the header is
     # written again with sorted keys, so the same model and metadata always make the same bytes. The
@@ -107,20 +112,50 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokeniz
     model = Tokenizer(config)
     try:
         state = load_file(str(path))
-        groups, counts = state.pop(CONTEXT_GROUPS, None), state.pop(CONTEXT_COUNTS, None)
+        context = {k: state.pop(k) for k in (*CONTEXT_KEYS, CONTEXT_COUNTS) if k in state}
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as err:
         raise VqtokError(f"{path}: weights do not match the stored config ({_first_line(err)})") from None
     # Files without one (written by hand, with safetensors alone) have nothing to check against.
     if FINGERPRINT_KEY in metadata and model.fingerprint() != metadata[FINGERPRINT_KEY]:
         raise VqtokError(f"{path} is corrupt: its weights do not match its fingerprint")
-    if groups is not None and counts is not None:
+    if CONTEXT_GROUPS in context:
         try:
-            model.context_table = ContextTable(model.code_frequencies(), groups.numpy().astype(np.int64),
-                                               counts.numpy().astype(np.int64))
+            groups = context[CONTEXT_GROUPS].numpy().astype(np.int64)
+            model.context_table = ContextTable(model.code_frequencies(), groups, _context_counts(context))
         except ValueError as err:
             raise VqtokError(f"{path}: bad context tables ({err})") from None
     return model.to(device).eval()
+
+
+def _context_tensors(table: ContextTable) -> dict[str, torch.Tensor]:
+    """The tensors that store `table` in a model file: its groups and its counts' nonzero entries (int32 values:
+    a count reaching 2^31 would take 2^31 code positions of fitting data)."""
+    flat = table.counts.reshape(-1)
+    index = np.flatnonzero(flat)
+    return {CONTEXT_GROUPS: torch.from_numpy(table.groups.astype(np.int32)),
+            CONTEXT_SHAPE: torch.tensor(table.counts.shape, dtype=torch.int64),
+            CONTEXT_INDEX: torch.from_numpy(index.astype(np.int64 if flat.size > 2**31 - 1 else np.int32)),
+            CONTEXT_VALUE: torch.from_numpy(flat[index].astype(np.int32))}
+
+
+def _context_counts(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """The (S, G + 1, K) int64 counts stored in `tensors`, dense (files before the sparse form) or sparse;
+    ValueError when the parts do not fit together."""
+    if CONTEXT_COUNTS in tensors:
+        return tensors[CONTEXT_COUNTS].numpy().astype(np.int64)
+    if not all(k in tensors for k in (CONTEXT_SHAPE, CONTEXT_INDEX, CONTEXT_VALUE)):
+        raise ValueError("context counts missing")
+    shape = tuple(int(n) for n in tensors[CONTEXT_SHAPE].tolist())
+    index, value = tensors[CONTEXT_INDEX].numpy().astype(np.int64), tensors[CONTEXT_VALUE].numpy()
+    if len(shape) != 3 or min(shape) < 1 or index.shape != value.shape or index.ndim != 1:
+        raise ValueError(f"context counts of shape {shape} with {index.shape} indices and {value.shape} values")
+    size = int(np.prod(shape))
+    if index.size and (index.min() < 0 or index.max() >= size):
+        raise ValueError(f"context count indices outside the {shape} table")
+    counts = np.zeros(size, dtype=np.int64)
+    counts[index] = value
+    return counts.reshape(shape)
 
 
 def _first_line(err: BaseException) -> str:
