@@ -40,9 +40,10 @@ _spec.loader.exec_module(build_models)
 # the rate leave room for that, while another model or a change in what eval measures moves them further.
 DB_TOLERANCE = 0.05
 RATE_TOLERANCE = 0.01
-# Every shipped model rides in the wheel and the repository: each stays under 32 MB (the speech model's 12 M
-# parameters take 26.6 MB with its nets in float16), all together well under PyPI's 100 MB per file.
-MAX_MODEL_BYTES = 32_000_000
+# Every shipped model rides in the wheel and the repository: each stays under 40 MB (the speech model takes 36.6
+# MB: 12 M net parameters in float16, 24 MB, and 8 codebooks of 16,384 codes with their usage statistics, 8 MB),
+# all together well under PyPI's 100 MB per file.
+MAX_MODEL_BYTES = 40_000_000
 MAX_ALL_MODELS_BYTES = 60_000_000
 
 

@@ -156,8 +156,8 @@ RECIPES: dict[str, Recipe] = {
         description="16 kHz speech",
         train=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--audio-net", "stft",
                "--synthesis-frames", "2", "--channels", "384", "--res-blocks", "6", "--code-dim", "8",
-               "--audio-loss", "complex", "--segment-seconds", "0.5", "--speed-perturb", "0.1",
-               "--gain-perturb-db", "6", "--steps", "28000", "--warmup", "200", "--checkpoint-every", "1000", "--precision", "bf16",
+               "--codebook-size", "16384", "--audio-loss", "complex", "--segment-seconds", "0.5",
+               "--speed-perturb", "0.1", "--gain-perturb-db", "6", "--steps", "24000", "--warmup", "200", "--checkpoint-every", "1000", "--precision", "bf16",
                "--num-workers", "0", "--device", "cpu"),
         heldout="../shared/data/librispeech/test-other",
         sample="samples/heldout/speech",
@@ -175,7 +175,7 @@ RECIPES: dict[str, Recipe] = {
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5",
-                  "--speed-perturb", "0.1", "--gain-perturb-db", "6", "--steps", "1500", "--lr", "1e-4", "--warmup",
+                  "--speed-perturb", "0.1", "--gain-perturb-db", "6", "--steps", "900", "--lr", "1e-4", "--warmup",
                   "50", "--checkpoint-every", "250", "--precision", "bf16", "--num-workers", "0", "--device", "cpu"),
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
