@@ -165,13 +165,13 @@ RECIPES: dict[str, Recipe] = {
              "of its 251 speakers, 52 minutes (`../shared/data/librispeech/train-clean-100`, FLAC 16 kHz; 5% of "
              "the clips validate during training), as random 0.5 s segments; CC BY 4.0: credit LibriSpeech "
              "when you use this model",
-        intended_use="Tokenizing speech at 16 kHz: 50 code frames a second from 8 residual codebooks of 1,024 codes, "
-                     "0.5 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.5 to 4 "
-                     "kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
+        intended_use="Tokenizing speech at 16 kHz: 50 code frames a second from 8 residual codebooks of 16,384 "
+                     "codes, 0.7 kbps a stage; decode with any number of stages (`vqtok encode --stages N`) for 0.7 "
+                     "to 5.6 kbps. Tokens for speech-language-model experiments, and a low-rate codec: `vqtok encode "
                      "--refine 50` chooses the codes by analysis by synthesis (same bits, about a second per "
-                     "second of audio on two CPU cores), which puts 4 stages (2.1 kbps) above Opus at 6 kbps; "
-                     "at 1-2 stages `--refine 50 --search 32` also searches the codebooks (about 4 s per second "
-                     "of audio and stage); `vqtok decode --postfilter 0.3` sharpens the sound at no cost in bits "
+                     "second of audio on two CPU cores), which puts 4 stages (2.9 kbps) above Opus at 6 kbps; "
+                     "at one stage `--refine 50 --search 32` also searches the codebook (about 4 s per second "
+                     "of audio); `vqtok decode --postfilter 0.3` sharpens the sound at no cost in bits "
                      "(benchmarks/speech.py puts it beside Opus and Codec 2).",
         finetune=("../shared/data/librispeech/train-clean-100", "--out", RUN, "--init", BASE, "--audio-loss",
                   "complex", "--adversarial-from", "1", "--disc-filters", "16", "--segment-seconds", "0.5",
@@ -180,12 +180,12 @@ RECIPES: dict[str, Recipe] = {
         limits="Trained on 52 minutes of read English audiobook speech on a CPU: expect audible artefacts, "
                "more so for other languages, spontaneous or noisy speech; music and other sounds are out of "
                "scope. Any input is mixed to mono and resampled to 16 kHz. On 3 LibriSpeech test-other clips of "
-               "each of its 10 speakers (PESQ-wb / STOI), plain encoding scores 1.25 / 0.753 to 1.64 / 0.849, "
-               "below Opus at 6 kbps (1.80 / 0.856); with `--refine 50` 4 stages (2.1 kbps) score 1.85 / 0.879 "
-               "and 8 stages 1.88 / 0.884, above it; 2 stages with `--refine 50 --search 32` (1.1 kbps) 1.78 / "
-               "0.875, above every Codec 2 mode (3.2 kbps: 1.62 / 0.835), and 1.82 / 0.873 postfiltered, above "
-               "Opus at 6 kbps. One stage (0.6 kbps) is rough: 1.25 plain, 1.45 / 0.825 searched, below Codec "
-               "2's 1200 bit/s mode in PESQ (1.46) and its 3200 in both (benchmarks/README.md, Speech).",
+               "each of its 10 speakers (PESQ-wb / STOI), plain encoding scores 1.35 / 0.788 at one stage to "
+               "1.60 / 0.843 from 4 stages on, below Opus at 6 kbps (1.80 / 0.856); with `--refine 50` 4 stages "
+               "(2.9 kbps) score 1.82 / 0.880, above it; one stage with `--refine 50 --search 32` (0.84 kbps), "
+               "decoded with `--postfilter 0.3`, 1.65 / 0.848, above every Codec 2 mode (3.2 kbps: 1.62 / "
+               "0.835). Stages after the fourth add little: they use few of their codes "
+               "(benchmarks/README.md, Speech).",
     ),
 }
 
