@@ -175,7 +175,8 @@ def test_model_file_with_broken_sparse_counts_is_refused(tmp_path: Path) -> None
     model = small_model_with_table(32, fitted_codes=200)
     save_model(model, tmp_path / "m.safetensors")
     metadata = read_metadata(tmp_path / "m.safetensors")
-    for key, change in ((CONTEXT_INDEX, lambda t: t + 10**6), (CONTEXT_VALUE, lambda t: t[:-1])):
+    for key, change in ((CONTEXT_INDEX, lambda t: t + 10**6), (CONTEXT_VALUE, lambda t: t[:-1]),
+                        (CONTEXT_SHAPE, lambda t: t * 10**5)):
         tensors = load_file(str(tmp_path / "m.safetensors"))
         tensors[key] = change(tensors[key])
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)

@@ -122,7 +122,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokeniz
     if CONTEXT_GROUPS in context:
         try:
             groups = context[CONTEXT_GROUPS].numpy().astype(np.int64)
-            model.context_table = ContextTable(model.code_frequencies(), groups, _context_counts(context))
+            model.context_table = ContextTable(model.code_frequencies(), groups, _context_counts(context, groups.shape))
         except ValueError as err:
             raise VqtokError(f"{path}: bad context tables ({err})") from None
     return model.to(device).eval()
@@ -139,16 +139,18 @@ def _context_tensors(table: ContextTable) -> dict[str, torch.Tensor]:
             CONTEXT_VALUE: torch.from_numpy(flat[index].astype(np.int32))}
 
 
-def _context_counts(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+def _context_counts(tensors: dict[str, torch.Tensor], groups_shape: tuple[int, ...]) -> np.ndarray:
     """The (S, G + 1, K) int64 counts stored in `tensors`, dense (files before the sparse form) or sparse;
-    ValueError when the parts do not fit together."""
+    ValueError when the parts do not fit together. The stored shape is checked against the groups' (S, K)
+    before anything is allocated, so a damaged shape cannot ask for terabytes."""
     if CONTEXT_COUNTS in tensors:
         return tensors[CONTEXT_COUNTS].numpy().astype(np.int64)
     if not all(k in tensors for k in (CONTEXT_SHAPE, CONTEXT_INDEX, CONTEXT_VALUE)):
         raise ValueError("context counts missing")
     shape = tuple(int(n) for n in tensors[CONTEXT_SHAPE].tolist())
     index, value = tensors[CONTEXT_INDEX].numpy().astype(np.int64), tensors[CONTEXT_VALUE].numpy()
-    if len(shape) != 3 or min(shape) < 1 or index.shape != value.shape or index.ndim != 1:
+    if (len(shape) != 3 or (shape[0], shape[2]) != tuple(groups_shape) or not 2 <= shape[1] <= shape[2] + 1
+            or index.shape != value.shape or index.ndim != 1):
         raise ValueError(f"context counts of shape {shape} with {index.shape} indices and {value.shape} values")
     size = int(np.prod(shape))
     if index.size and (index.min() < 0 or index.max() >= size):
